@@ -1,0 +1,462 @@
+"""The structured-config schema: the single source of ftx's defaults, and the checks
+that run on a composed config before any weights load.
+
+Each YAML file under ``conf/`` selects or overrides values of these dataclasses;
+Hydra validates every value against them (types, unknown keys). Cross-field checks
+that types cannot express live in :func:`validate`, which names the key and the fix.
+
+This module imports no torch, transformers, peft or trl: composing and printing a
+config (``ftx train --cfg job``) must stay fast.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class PretrainConfig:
+    """How ftx builds its own small base model when no checkpoint is given.
+
+    The base is a Llama-architecture model pretrained on the Python documentation
+    that ships with the interpreter, so the default run fine-tunes a model that
+    already knows English and code, offline. Built once, cached by a hash of these
+    values under ``paths.cache_dir``.
+    """
+
+    corpus: str = "python-docs"
+    """Text to pretrain on; ``python-docs`` = pydoc topics + stdlib docstrings."""
+    vocab_size: int = 2048
+    """Byte-level BPE vocabulary trained on the corpus."""
+    hidden_size: int = 192
+    """Model width; memory and time grow with its square."""
+    intermediate_size: int = 512
+    """MLP width."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 6
+    """Attention heads (head dim = hidden_size / num_heads)."""
+    seq_len: int = 128
+    """Context length used for pretraining and stored as max_position_embeddings x4."""
+    steps: int = 300
+    """Optimizer steps; ~75 s on 2 CPU cores at the defaults."""
+    batch_size: int = 16
+    """Sequences per step."""
+    lr: float = 2.0e-3
+    """Peak AdamW learning rate (cosine decay, 5% warmup)."""
+    seed: int = 0
+    """Seed for tokenizer-independent randomness (init, batch order)."""
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a local directory, a hub id from the local cache, or ftx-built."""
+
+    name: str = MISSING
+    """Short name recorded in metrics.json and used in run names."""
+    name_or_path: str | None = None
+    """Local HF causal-LM directory or hub id; null together with ``pretrain`` = ftx-built."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; null = same as the model."""
+    pretrain: PretrainConfig | None = None
+    """Set to build the base with ftx (see PretrainConfig) instead of loading one."""
+    dtype: str = "float32"
+    """Weight dtype of the frozen/base weights: float32, bfloat16, float16."""
+    attn_implementation: str = "sdpa"
+    """eager, sdpa or flash_attention_2 (GPU only); sdpa saves activation memory."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% slower."""
+    allow_download: bool = False
+    """Let transformers reach the hub; off = local paths and the local cache only."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a checkpoint. Off unless you trust the source."""
+
+
+@dataclass
+class MethodConfig:
+    """How the weights change: all of them, or a low-rank adapter on a frozen base."""
+
+    name: str = MISSING
+    """full, lora, qlora or dora."""
+    adapter: str | None = "lora"
+    """null = full fine-tuning; lora = PEFT LoRA (DoRA and rsLoRA are LoRA options)."""
+    r: int = 16
+    """LoRA rank: higher can fit more, costs memory and adapter size linearly."""
+    alpha: float = 32.0
+    """LoRA scale numerator: update scale = alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input path."""
+    target_modules: Any = "all-linear"
+    """Which Linear layers get adapters: all-linear, or a list such as [q_proj, v_proj]."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (Kalantari 2023): scale alpha/sqrt(r), better at high r."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024): slower, often closer to full FT."""
+    bias: str = "none"
+    """Train biases: none, all or lora_only."""
+    init_lora_weights: Any = True
+    """PEFT init: true (Kaiming A, zero B), gaussian, pissa, olora …"""
+
+
+@dataclass
+class QuantConfig:
+    """bitsandbytes quantization of the frozen base (needs an adapter method)."""
+
+    name: str = "none"
+    """none, nf4, fp4 or int8."""
+    bits: int = 16
+    """4 or 8 for bitsandbytes; 16 = no quantization."""
+    quant_type: str = "nf4"
+    """4-bit data type: nf4 (QLoRA's NormalFloat) or fp4."""
+    double_quant: bool = False
+    """Quantize the quantization constants too: ~0.4 bit/param saved (QLoRA paper)."""
+    compute_dtype: str = "float32"
+    """dtype 4-bit weights are dequantized to for matmuls; bfloat16 on recent GPUs."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the model is trained to do."""
+
+    name: str = "sft"
+    """sft: next-token loss on the completion."""
+    completion_only: bool = True
+    """Mask prompt tokens out of the loss, so only the answer is learnt."""
+
+
+@dataclass
+class DataConfig:
+    """A prompt/completion dataset with a held-out split and a task metric."""
+
+    name: str = MISSING
+    """Short name recorded in metrics.json."""
+    train_file: str = MISSING
+    """JSONL with one {"prompt": ..., "completion": ...} object per line."""
+    eval_file: str | None = None
+    """Held-out JSONL; null = split eval_fraction off train_file."""
+    eval_fraction: float = 0.1
+    """Share of train_file held out when eval_file is null."""
+    split_seed: int = 0
+    """Seed of that split."""
+    prompt_template: str = "{prompt}\n### JSON:\n"
+    """How a prompt is shown to the model; the completion follows it, then EOS."""
+    max_length: int = 256
+    """Tokens per example; longer ones are truncated (counted in the log)."""
+    task_metric: str | None = None
+    """Scored on generated completions: json_fields, exact_match or null."""
+    eval_examples: int = 64
+    """Held-out examples generated and scored before and after training."""
+    max_new_tokens: int = 64
+    """Generation budget for the task metric."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = "adamw"
+    """adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes, CUDA: 4x smaller states)."""
+    lr: float = 1.0e-3
+    """Peak learning rate: LoRA tolerates ~10x that of full fine-tuning."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1.0e-8
+    """Adam epsilon."""
+    scheduler: str = "cosine"
+    """transformers schedule name: linear, cosine, constant, constant_with_warmup …"""
+    warmup_ratio: float = 0.05
+    """Share of the steps spent warming up (ignored when warmup_steps > 0)."""
+    warmup_steps: int = 0
+    """Warm-up steps; 0 = use warmup_ratio."""
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings and the batch geometry."""
+
+    accelerator: str = "cpu"
+    """cpu, gpu, auto."""
+    devices: Any = 1
+    """Devices per node."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp_spawn, fsdp …"""
+    precision: str = "32-true"
+    """32-true, bf16-mixed, 16-mixed, bf16-true: mixed halves activation memory on GPU."""
+    max_steps: int = 200
+    """Optimizer steps; -1 = run max_epochs."""
+    max_epochs: int = -1
+    """Epochs when max_steps is -1."""
+    batch_size: int = 16
+    """Micro-batch per device: activation memory grows linearly with it."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size x this x devices)."""
+    gradient_clip_val: float = 1.0
+    """Clip the global grad norm; 0 = off."""
+    val_check_interval: int = 50
+    """Validate every N training batches."""
+    limit_val_batches: int = 8
+    """Validation batches per check (keeps periodic validation cheap)."""
+    log_every_n_steps: int = 10
+    """Logging interval in steps."""
+    progress_bar: str = "auto"
+    """auto (on in a terminal, off in CI logs), true or false."""
+    save_checkpoints: bool = True
+    """Write Lightning checkpoints (trainable weights + optimizer) to checkpoints/."""
+    deterministic: bool = False
+    """Force deterministic kernels (slower)."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics stream during training; metrics.json is always written."""
+
+    name: str = "csv"
+    """csv, tensorboard, wandb or none."""
+    project: str = "ftx"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    group: str | None = None
+    """W&B group."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    mode: str = "auto"
+    """W&B mode: auto (online with a key, else offline), online, offline, disabled."""
+
+
+@dataclass
+class PathsConfig:
+    """Where ftx reads and writes."""
+
+    output_dir: str = "${hydra:runtime.output_dir}"
+    """The run directory (Hydra's; tests and scripts set it directly)."""
+    cache_dir: str = "${oc.env:FTX_CACHE_DIR,${oc.env:HOME,.}/.cache/ftx}"
+    """Built base models and other reusable artefacts."""
+
+
+@dataclass
+class Config:
+    """One ftx experiment."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 42
+    """Seeds torch, numpy and Python (model init of adapters, data order, dropout)."""
+    run_name: str = "${model.name}-${method.name}-${quant.name}"
+    """Human-readable run name (loggers, reports)."""
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore as ``ftx_schema`` (config.yaml extends it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="ftx_schema", node=Config)
+
+
+# ----------------------------------------------------------------- resources & paths
+
+
+def project_root() -> Path:
+    """Where conf/ and datasets/ live: inside the package when installed from a
+    wheel (they are force-included as ftx/conf, ftx/datasets), else the checkout."""
+    package = Path(__file__).resolve().parent
+    return package if (package / "conf").is_dir() else package.parent
+
+
+def config_dir() -> Path:
+    return project_root() / "conf"
+
+
+def _resolve_asset(relative: str) -> str:
+    return str(project_root() / relative)
+
+
+def register_resolvers() -> None:
+    """``${ftx_asset:datasets/x.jsonl}`` names a file shipped with ftx;
+    ``${ftx_basename:a/b/model}`` gives ``model`` (run names from paths)."""
+    resolvers = {"ftx_asset": _resolve_asset, "ftx_basename": lambda path: Path(str(path)).name}
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+# ----------------------------------------------------------------------- validation
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message names the key and the fix."""
+
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "method.adapter": (None, "lora"),
+    "method.bias": ("none", "all", "lora_only"),
+    "quant.bits": (4, 8, 16),
+    "quant.quant_type": ("nf4", "fp4"),
+    "quant.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "objective.name": ("sft",),
+    "data.task_metric": (None, "json_fields", "exact_match"),
+    "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+    "optim.scheduler": (
+        "linear",
+        "cosine",
+        "constant",
+        "constant_with_warmup",
+        "cosine_with_restarts",
+        "polynomial",
+    ),
+    "trainer.precision": (
+        "32-true",
+        "32",
+        "bf16-mixed",
+        "16-mixed",
+        "bf16-true",
+        "16-true",
+        "64-true",
+    ),
+    "trainer.progress_bar": ("auto", "true", "false"),
+    "logger.name": ("csv", "tensorboard", "wandb", "none"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed config; raise ConfigError naming the key and the fix.
+
+    Runs before anything heavy is imported or loaded, so a mistake costs a second,
+    not a model load.
+    """
+    for key, allowed in _CHOICES.items():
+        value = _select(cfg, key)
+        if isinstance(value, bool):  # progress_bar=true arrives as a bool
+            value = str(value).lower()
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{key}={value} is not one of: {shown}.")
+
+    method, quant = cfg.method, cfg.quant
+    if quant.bits != 16 and method.adapter is None:
+        raise ConfigError(
+            f"quant={quant.name} quantizes the base to {quant.bits} bits, which cannot be "
+            f"trained directly (method={method.name} has no adapter). Use method=qlora "
+            f"(or method=lora quant={quant.name}), or quant=none for full fine-tuning."
+        )
+    if method.name == "qlora" and quant.bits != 4:
+        raise ConfigError(
+            f"method=qlora trains LoRA on a 4-bit base, but quant={quant.name}. "
+            "Use quant=nf4 or quant=fp4, or method=lora for a 16/8-bit base."
+        )
+    if method.adapter is not None and method.r < 1:
+        raise ConfigError(f"method.r={method.r} must be >= 1.")
+    if not 0.0 <= method.dropout < 1.0:
+        raise ConfigError(f"method.dropout={method.dropout} must be in [0, 1).")
+    if isinstance(method.target_modules, str) and method.target_modules != "all-linear":
+        # PEFT treats a plain string as a regex, which silently matches nothing when
+        # mistyped; ask for a list instead.
+        raise ConfigError(
+            f"method.target_modules={method.target_modules!r}: use all-linear or a list, "
+            "e.g. method.target_modules=[q_proj,v_proj]."
+        )
+
+    trainer = cfg.trainer
+    if trainer.max_steps < 1 and trainer.max_epochs < 1:
+        raise ConfigError("Set trainer.max_steps >= 1 or trainer.max_epochs >= 1.")
+    for key in ("trainer.batch_size", "trainer.accumulate_grad_batches", "data.max_length"):
+        if _select(cfg, key) < 1:
+            raise ConfigError(f"{key}={_select(cfg, key)} must be >= 1.")
+    if cfg.optim.name != "adamw" and trainer.accelerator == "cpu":
+        raise ConfigError(
+            f"optim.name={cfg.optim.name} uses bitsandbytes' CUDA optimizer kernels. "
+            "Use optim.name=adamw on CPU, or trainer=gpu."
+        )
+    if trainer.accelerator == "cpu" and trainer.precision == "16-mixed":
+        raise ConfigError(
+            "trainer.precision=16-mixed needs a GPU (fp16 autocast with loss scaling). "
+            "Use trainer.precision=bf16-mixed or 32-true on CPU."
+        )
+    if "ddp" in trainer.strategy and trainer.strategy not in ("ddp_spawn", "ddp_fork"):
+        # Lightning's `ddp` relaunches the command line (pytorch-lightning#11300),
+        # which re-runs a whole Hydra multirun in every rank.
+        raise ConfigError(
+            f"trainer.strategy={trainer.strategy} relaunches the command line and breaks "
+            "Hydra runs; use trainer.strategy=ddp_spawn or ddp_fork, or launch with torchrun."
+        )
+
+    model = cfg.model
+    if (model.name_or_path is None) == (model.pretrain is None):
+        raise ConfigError(
+            "Set exactly one of model.name_or_path (a local directory or cached hub id) "
+            "and model.pretrain (an ftx-built base); e.g. model.name_or_path=/path/to/model."
+        )
+    if model.name_or_path is not None:
+        check_model_source(model.name_or_path, model.allow_download, key="model.name_or_path")
+    if model.tokenizer is not None:
+        check_model_source(model.tokenizer, model.allow_download, key="model.tokenizer")
+
+    data = cfg.data
+    for key in ("data.train_file", "data.eval_file"):
+        path = _select(cfg, key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{key}: no such file {path}.")
+    if data.eval_file is None and not 0.0 < data.eval_fraction < 1.0:
+        raise ConfigError(
+            f"data.eval_fraction={data.eval_fraction} must be in (0, 1) when "
+            "data.eval_file is null."
+        )
+
+
+def check_model_source(name_or_path: str, allow_download: bool, key: str) -> None:
+    """A model source must be a directory here, or a hub id already in the local cache.
+
+    Checked from the config alone (no weights), so a typo fails in a second.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if key == "model.name_or_path" and not (path / "config.json").is_file():
+            raise ConfigError(f"{key}={name_or_path}: the directory has no config.json.")
+        return
+    is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.startswith(
+        (".", "~")
+    )
+    if not is_hub_id:
+        raise ConfigError(f"{key}={name_or_path}: no such directory.")
+    if allow_download:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise ConfigError(
+            f"{key}={name_or_path}: no such directory, and no such model in the local "
+            "Hugging Face cache. Download it once (hf download), point to a local "
+            "directory, or set model.allow_download=true."
+        )
+
+
+def as_container(value: Any) -> Any:
+    """Plain Python value of a config node (lists and dicts resolved)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

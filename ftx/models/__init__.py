@@ -1,0 +1,144 @@
+"""Models: resolve the base, load it (quantized with bitsandbytes when asked), apply
+the method (full fine-tuning or a PEFT adapter), and save the trained artefact.
+
+Loading order follows QLoRA's recipe: quantize at load time, then
+``prepare_model_for_kbit_training`` (norms and head to fp32, input grads on), then
+wrap with LoRA. Full fine-tuning leaves every parameter trainable.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
+
+from ftx.config import as_container
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def resolve_base(cfg: DictConfig) -> str:
+    """Path or hub id of the base model, building ftx's own base if configured."""
+    if cfg.model.pretrain is not None:
+        from ftx.config import PretrainConfig
+        from ftx.models.pretrain import ensure_base_model
+
+        settings = PretrainConfig(**as_container(cfg.model.pretrain))
+        return str(ensure_base_model(settings, cfg.paths.cache_dir))
+    path = Path(cfg.model.name_or_path).expanduser()
+    return str(path) if path.is_dir() else cfg.model.name_or_path
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def quantization_config(cfg: DictConfig):
+    """A transformers BitsAndBytesConfig for ``cfg.quant``, or None."""
+    from transformers import BitsAndBytesConfig
+
+    quant = cfg.quant
+    if quant.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=_dtype(quant.compute_dtype),
+            bnb_4bit_quant_storage=_dtype(cfg.model.dtype),
+        )
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(cfg: DictConfig, base: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model.tokenizer or base,
+        local_files_only=not cfg.model.allow_download,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: DictConfig, base: str) -> PreTrainedModel:
+    """The base model with ``cfg.method`` applied, in train mode."""
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        dtype=_dtype(cfg.model.dtype),
+        attn_implementation=cfg.model.attn_implementation,
+        quantization_config=quant,
+        local_files_only=not cfg.model.allow_download,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model.config.use_cache = False  # the KV cache only costs memory in training
+    if cfg.method.adapter is None:
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = apply_lora(cfg, model, quantized=quant is not None)
+    # from_pretrained returns eval mode and Lightning preserves submodule modes:
+    # without this, dropout (LoRA's included) would silently stay off.
+    model.train()
+    return model
+
+
+def apply_lora(cfg: DictConfig, model: PreTrainedModel, quantized: bool) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    method = cfg.method
+    checkpointing = cfg.model.gradient_checkpointing
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings would cut the graph
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=as_container(method.target_modules),
+        use_rslora=method.use_rslora,
+        use_dora=method.use_dora,
+        bias=method.bias,
+        init_lora_weights=method.init_lora_weights,
+    )
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model: PreTrainedModel) -> dict[str, int]:
+    """Total and trainable parameters; 4-bit weights count as their logical size."""
+    total = trainable = 0
+    for param in model.parameters():
+        # bitsandbytes packs two 4-bit values per uint8 element.
+        n = param.numel() * 2 if param.__class__.__name__ == "Params4bit" else param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return {"total": total, "trainable": trainable}
+
+
+def save_artefact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path, adapter: bool) -> Path:
+    """Write ``adapter/`` (PEFT format) or ``model/`` (safetensors) with the tokenizer."""
+    out = run_dir / ("adapter" if adapter else "model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,183 @@
+"""The pipeline for one run: check → data → base → model → score base → fit →
+score result → save → record. Returns the run record (metrics.json's content).
+
+Everything that can be wrong with the config or the data is found before the
+model loads. Whatever happens after the run directory exists, metrics.json says
+how it ended: ``completed``, or ``failed`` with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ftx.config import validate
+from ftx.data import load_splits
+from ftx.tracking import write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "method": cfg.method.name,
+        "objective": cfg.objective.name,
+        "model": cfg.model.name,
+        "quant": cfg.quant.name,
+        "precision": cfg.trainer.precision,
+        "seed": cfg.seed,
+        "run_name": cfg.run_name,
+        "status": "running",
+    }
+    try:
+        validate(cfg)
+        train_examples, eval_examples = load_splits(cfg)
+        record.update(_fit(cfg, run_dir, train_examples, eval_examples))
+        record["status"] = "completed"
+    except BaseException as error:
+        record["status"] = "failed"
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc(limit=8)
+        raise
+    finally:
+        write_metrics(run_dir, record)
+    log.info("run %s completed: %s", run_dir, _summary(record))
+    return record
+
+
+def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples) -> dict[str, Any]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ftx.data import TokenizedDataset, collator
+    from ftx.evaluation import held_out_loss, task_score
+    from ftx.memory import PeakMemory, device_of
+    from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
+    from ftx.objectives.meter import RunMeter
+    from ftx.objectives.sft import SFTModule
+    from ftx.tracking import log_final, make_logger
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    base = resolve_base(cfg)
+    tokenizer = load_tokenizer(cfg, base)
+
+    def tokenized(examples):
+        return TokenizedDataset(
+            examples, tokenizer, cfg.data.prompt_template, cfg.data.max_length, cfg.objective.completion_only
+        )
+
+    train_set, eval_set = tokenized(train_examples), tokenized(eval_examples)
+    loader_args = {"batch_size": cfg.trainer.batch_size, "collate_fn": collator(tokenizer), "num_workers": cfg.data.num_workers}
+    train_loader = DataLoader(train_set, shuffle=True, **loader_args)
+    eval_loader = DataLoader(eval_set, shuffle=False, **loader_args)
+
+    memory = PeakMemory(device_of(cfg.trainer.accelerator))
+    memory.start()  # baseline before weights: the peak counts the model's own memory
+    model = load_model(cfg, base)
+    if memory.device == "cuda" and cfg.quant.bits == 16:
+        model.to("cuda")  # bitsandbytes places quantized models on load
+    params = count_parameters(model)
+    log.info("parameters: %d total, %d trainable (%.2f%%)", params["total"], params["trainable"], 100 * params["trainable"] / params["total"])
+
+    scored = eval_examples[: cfg.data.eval_examples]
+
+    def score() -> dict[str, float]:
+        scores = {"eval_loss": held_out_loss(model, eval_loader)}
+        if cfg.data.task_metric is not None:
+            scores["task_score"] = task_score(
+                model, tokenizer, scored, cfg.data.task_metric, cfg.data.prompt_template, cfg.data.max_new_tokens
+            )
+        return scores
+
+    before = score()
+    log.info("base: %s", before)
+
+    module = SFTModule(model, cfg.optim, adapter=cfg.method.adapter is not None)
+    meter = RunMeter(memory)
+    logger = make_logger(cfg, run_dir)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=cfg.trainer.max_epochs,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        gradient_clip_val=cfg.trainer.gradient_clip_val or None,
+        val_check_interval=min(cfg.trainer.val_check_interval, len(train_loader)),
+        check_val_every_n_epoch=None if cfg.trainer.val_check_interval < len(train_loader) else 1,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=_progress_bar(cfg.trainer.progress_bar),
+        enable_model_summary=False,
+        deterministic=cfg.trainer.deterministic,
+        logger=logger,
+        callbacks=[meter, *_checkpointing(cfg, run_dir)],
+        enable_checkpointing=cfg.trainer.save_checkpoints,
+        default_root_dir=run_dir,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, train_loader, eval_loader)
+    train_s = time.perf_counter() - started
+
+    after = score()
+    log.info("fine-tuned: %s", after)
+    artefact = save_artefact(model, tokenizer, run_dir, adapter=cfg.method.adapter is not None)
+
+    quality = {f"base_{k}": v for k, v in before.items()} | after
+    result = {
+        "params": params | {"trainable_share": params["trainable"] / params["total"]},
+        "quality": quality,
+        "memory": memory.peak() | {"predicted_bytes": None},
+        "throughput": {"tokens_per_s": meter.tokens_per_s, "tokens": meter.tokens},
+        "time": {"train_s": train_s},
+        "train": {
+            "steps": trainer.global_step,
+            "final_loss": float(trainer.callback_metrics.get("train.loss", math.nan)),
+            "examples": len(train_set),
+            "truncated": train_set.truncated,
+        },
+        "base_model": base,
+        "artefact": str(artefact.relative_to(run_dir)),
+    }
+    log_final(logger, result)
+    return result
+
+
+def _checkpointing(cfg: DictConfig, run_dir: Path) -> list:
+    if not cfg.trainer.save_checkpoints:
+        return []
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="step{step}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.trainer.val_check_interval,
+            save_top_k=1,
+            save_last=True,
+        )
+    ]
+
+
+def _progress_bar(setting: str | bool) -> bool:
+    """auto: a bar in a terminal, nothing in CI logs."""
+    if str(setting).lower() == "auto":
+        return sys.stderr.isatty()
+    return str(setting).lower() == "true"
+
+
+def _summary(record: dict[str, Any]) -> str:
+    quality = record.get("quality", {})
+    return ", ".join(f"{k}={v:.4g}" for k, v in quality.items())

@@ -65,3 +65,7 @@ def train_job(cfg) -> float | None:
         print(f"ftx: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     return record["quality"]["eval_loss"]
+
+
+if __name__ == "__main__":
+    main()

@@ -43,6 +43,8 @@ class PretrainConfig:
     """Transformer blocks."""
     num_heads: int = 6
     """Attention heads (head dim = hidden_size / num_heads)."""
+    tie_embeddings: bool = True
+    """Share input embeddings and output head (fewer parameters, smaller logit range)."""
     seq_len: int = 128
     """Context length used for pretraining and stored as max_position_embeddings x4."""
     steps: int = 300
@@ -95,6 +97,9 @@ class MethodConfig:
     """Dropout on the LoRA input path."""
     target_modules: Any = "all-linear"
     """Which Linear layers get adapters: all-linear, or a list such as [q_proj, v_proj]."""
+    adapt_output_head: bool = False
+    """Also put LoRA on the output head (lm_head), which all-linear leaves out: small
+    bases whose logit range is too narrow for new outputs need it (ftx's own does)."""
     use_rslora: bool = False
     """Rank-stabilised LoRA (Kalantari 2023): scale alpha/sqrt(r), better at high r."""
     use_dora: bool = False
@@ -209,8 +214,8 @@ class TrainerConfig:
     """Validation batches per check (keeps periodic validation cheap)."""
     log_every_n_steps: int = 10
     """Logging interval in steps."""
-    progress_bar: str = "auto"
-    """auto (on in a terminal, off in CI logs), true or false."""
+    progress_bar: bool | None = None
+    """null = on in a terminal, off in CI logs; true or false to force."""
     save_checkpoints: bool = True
     """Write Lightning checkpoints (trainable weights + optimizer) to checkpoints/."""
     deterministic: bool = False
@@ -333,7 +338,6 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
         "16-true",
         "64-true",
     ),
-    "trainer.progress_bar": ("auto", "true", "false"),
     "logger.name": ("csv", "tensorboard", "wandb", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
@@ -351,8 +355,6 @@ def validate(cfg: DictConfig) -> None:
     """
     for key, allowed in _CHOICES.items():
         value = _select(cfg, key)
-        if isinstance(value, bool):  # progress_bar=true arrives as a bool
-            value = str(value).lower()
         if value not in allowed:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise ConfigError(f"{key}={value} is not one of: {shown}.")
@@ -422,10 +424,7 @@ def validate(cfg: DictConfig) -> None:
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: no such file {path}.")
     if data.eval_file is None and not 0.0 < data.eval_fraction < 1.0:
-        raise ConfigError(
-            f"data.eval_fraction={data.eval_fraction} must be in (0, 1) when "
-            "data.eval_file is null."
-        )
+        raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in (0, 1) when data.eval_file is null.")
 
 
 def check_model_source(name_or_path: str, allow_download: bool, key: str) -> None:
@@ -438,9 +437,7 @@ def check_model_source(name_or_path: str, allow_download: bool, key: str) -> Non
         if key == "model.name_or_path" and not (path / "config.json").is_file():
             raise ConfigError(f"{key}={name_or_path}: the directory has no config.json.")
         return
-    is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.startswith(
-        (".", "~")
-    )
+    is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.startswith((".", "~"))
     if not is_hub_id:
         raise ConfigError(f"{key}={name_or_path}: no such directory.")
     if allow_download:

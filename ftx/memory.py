@@ -15,7 +15,8 @@ What "peak" means:
   resident memory (VmHWM, reset by writing 5 to /proc/self/clear_refs) tracks live
   tensor memory closely (smaller blocks live in malloc's arenas, which are reused,
   so they add fragmentation, not double counting; a lower threshold made training
-  steps up to 2x slower in page faults, measured on the default run). Peak = VmHWM during the run − RSS just before the model
+  steps up to 2x slower in page faults, measured on the default run).
+  Peak = VmHWM during the run − RSS just before the model
   loads (interpreter and libraries excluded), i.e. weights, gradients, optimizer
   state, activations and buffers.
 """

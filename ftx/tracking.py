@@ -80,8 +80,10 @@ def wandb_mode(mode: str) -> str:
     """auto = online only when credentials exist; never prompt, never block."""
     if mode != "auto":
         return mode
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file() and (
-        "api.wandb.ai" in (Path.home() / ".netrc").read_text()
+    has_key = (
+        bool(os.environ.get("WANDB_API_KEY"))
+        or (Path.home() / ".netrc").is_file()
+        and ("api.wandb.ai" in (Path.home() / ".netrc").read_text())
     )
     return "online" if has_key else "offline"
 

@@ -25,7 +25,8 @@ from ftx.tracking import write_metrics
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Run one experiment; ``callbacks`` are extra Lightning callbacks (tests, tools)."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
@@ -41,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         validate(cfg)
         train_examples, eval_examples = load_splits(cfg)
-        record.update(_fit(cfg, run_dir, train_examples, eval_examples))
+        record.update(_fit(cfg, run_dir, train_examples, eval_examples, callbacks or []))
         record["status"] = "completed"
     except BaseException as error:
         record["status"] = "failed"
@@ -54,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples) -> dict[str, Any]:
+def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callbacks: list) -> dict[str, Any]:
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -76,7 +77,11 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples) -> dict[
         )
 
     train_set, eval_set = tokenized(train_examples), tokenized(eval_examples)
-    loader_args = {"batch_size": cfg.trainer.batch_size, "collate_fn": collator(tokenizer), "num_workers": cfg.data.num_workers}
+    loader_args = {
+        "batch_size": cfg.trainer.batch_size,
+        "collate_fn": collator(tokenizer),
+        "num_workers": cfg.data.num_workers,
+    }
     train_loader = DataLoader(train_set, shuffle=True, **loader_args)
     eval_loader = DataLoader(eval_set, shuffle=False, **loader_args)
 
@@ -86,7 +91,12 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples) -> dict[
     if memory.device == "cuda" and cfg.quant.bits == 16:
         model.to("cuda")  # bitsandbytes places quantized models on load
     params = count_parameters(model)
-    log.info("parameters: %d total, %d trainable (%.2f%%)", params["total"], params["trainable"], 100 * params["trainable"] / params["total"])
+    log.info(
+        "parameters: %d total, %d trainable (%.2f%%)",
+        params["total"],
+        params["trainable"],
+        100 * params["trainable"] / params["total"],
+    )
 
     scored = eval_examples[: cfg.data.eval_examples]
 
@@ -122,7 +132,7 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples) -> dict[
         enable_model_summary=False,
         deterministic=cfg.trainer.deterministic,
         logger=logger,
-        callbacks=[meter, *_checkpointing(cfg, run_dir)],
+        callbacks=[meter, *_checkpointing(cfg, run_dir), *callbacks],
         enable_checkpointing=cfg.trainer.save_checkpoints,
         default_root_dir=run_dir,
     )
@@ -171,11 +181,9 @@ def _checkpointing(cfg: DictConfig, run_dir: Path) -> list:
     ]
 
 
-def _progress_bar(setting: str | bool) -> bool:
-    """auto: a bar in a terminal, nothing in CI logs."""
-    if str(setting).lower() == "auto":
-        return sys.stderr.isatty()
-    return str(setting).lower() == "true"
+def _progress_bar(setting: bool | None) -> bool:
+    """null: a bar in a terminal, nothing in CI logs."""
+    return sys.stderr.isatty() if setting is None else setting
 
 
 def _summary(record: dict[str, Any]) -> str:

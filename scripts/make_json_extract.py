@@ -2,10 +2,12 @@
 
     python scripts/make_json_extract.py [--train 2000 --eval 200 --seed 0]
 
-Each example is a free-text sentence about a person and the JSON object a careful
-annotator would write for it. Sentence templates vary word order, so the model must
-read the values out of the text rather than copy positions. Eval examples use the
-same templates with names, cities and jobs combined differently (seeded, fixed).
+Each example is a customer message in free text and the JSON object a support
+system would file for it: {"intent", "product", "quantity", "urgency"}. The
+intent and urgency are paraphrased (never named outright), the quantity is
+written in words or digits, and the message wraps them in greetings and filler in
+varied order: the model has to read the text, and emit a rigid format that no
+base model produces unprompted. Seeded; no eval message appears in train.
 """
 
 from __future__ import annotations
@@ -15,41 +17,81 @@ import json
 import random
 from pathlib import Path
 
-FIRST = """Alice Bruno Carla Diego Elena Farid Greta Hugo Ines Jonas Kenji Lena Marco Nadia
-Omar Paula Quinn Rosa Sven Tara Umar Vera Wim Xenia Yusuf Zoe Amara Boris Chen Dalia
-Emil Fatima Gustav Hana Ivan Julia Karim Lucia Mateo Nora Oskar Priya Rafael Sofia
-Tomas Ulla Viktor Wanda Yara Zeno""".split()
-LAST = """Adams Berg Costa Dietz Eriksen Ferreira Garcia Horvat Ito Jansen Kowalski Larsen
-Moreau Novak Okafor Petrov Quist Rossi Schmidt Tanaka Ueda Vargas Weber Yilmaz Zhang
-Bauer Silva Nagy Haddad Lindqvist""".split()
-CITIES = """Paris Berlin Madrid Lisbon Rome Vienna Prague Oslo Dublin Athens Tokyo Lima
-Cairo Nairobi Toronto Denver Austin Seattle Boston Chicago Sydney Perth Mumbai Seoul
-Hanoi Quito Bogota Zurich Munich Porto""".split()
-JOBS = """nurse teacher baker pilot chemist lawyer plumber architect farmer journalist
-dentist librarian engineer painter carpenter pharmacist translator firefighter
-electrician photographer""".split()
-
-TEMPLATES = [
-    "{name} is a {age}-year-old {job} from {city}.",
-    "{name}, {age}, works as a {job} in {city}.",
-    "Meet {name}: a {job} living in {city}, aged {age}.",
-    "In {city} lives {name}, a {job} who is {age} years old.",
-    "At {age}, {name} is working as a {job} in {city}.",
-    "Our new {job} in {city} is {name} ({age}).",
-    "{name} ({age}) moved to {city} to work as a {job}.",
-    "The {job} {name} is {age} and lives in {city}.",
+PRODUCTS = [
+    "laptop",
+    "phone",
+    "tablet",
+    "camera",
+    "printer",
+    "monitor",
+    "keyboard",
+    "speaker",
+    "router",
+    "charger",
+    "headset",
+    "blender",
+    "toaster",
+    "kettle",
+    "heater",
 ]
+NUMBER_WORDS = ["one", "two", "three", "four", "five"]
+
+INTENTS = {
+    "refund": [
+        "I want my money back for the {items}.",
+        "Please refund the {items} I bought.",
+        "Can I get a refund on the {items}?",
+        "I returned the {items}, where is my money?",
+    ],
+    "replace": [
+        "Please send me new {items}, these arrived damaged.",
+        "I need a replacement for the {items}.",
+        "The {items} came cracked, swap them for working ones.",
+        "Could you exchange the {items} for new ones?",
+    ],
+    "cancel": [
+        "Cancel my order of {items}.",
+        "I no longer want the {items}, stop the order.",
+        "Please do not ship the {items}, I changed my mind.",
+        "Call off the order for {items}.",
+    ],
+    "track": [
+        "Where are the {items} I ordered?",
+        "My {items} still have not arrived.",
+        "What is the delivery status of my {items}?",
+        "The {items} were due last week and never came.",
+    ],
+    "repair": [
+        "The {items} stopped working, can you fix them?",
+        "My {items} keep turning off, I need them repaired.",
+        "Something inside the {items} is broken, please mend it.",
+        "Can a technician look at the {items}? They make a strange noise.",
+    ],
+}
+URGENCY = {
+    "high": ["This is urgent!", "I need this sorted today.", "Please act immediately.", "ASAP please."],
+    "normal": ["", "Thanks.", "Regards.", "Thank you for your help."],
+    "low": ["No rush.", "Whenever you have time.", "It can wait a few weeks.", "No hurry at all."],
+}
+GREETINGS = ["", "Hello,", "Hi there.", "Good morning.", "Dear support,", "Hey,"]
+
+
+def items(product: str, quantity: int, rng: random.Random) -> str:
+    count = rng.choice([str(quantity), NUMBER_WORDS[quantity - 1]])
+    return f"{count} {product}{'s' if quantity > 1 else ''}"
 
 
 def example(rng: random.Random) -> dict[str, str]:
-    person = {
-        "name": f"{rng.choice(FIRST)} {rng.choice(LAST)}",
-        "age": rng.randint(19, 79),
-        "city": rng.choice(CITIES),
-        "job": rng.choice(JOBS),
+    ticket = {
+        "intent": rng.choice(sorted(INTENTS)),
+        "product": rng.choice(PRODUCTS),
+        "quantity": rng.randint(1, 5),
+        "urgency": rng.choice(sorted(URGENCY)),
     }
-    text = rng.choice(TEMPLATES).format(**person)
-    return {"prompt": text, "completion": json.dumps(person)}
+    body = rng.choice(INTENTS[ticket["intent"]]).format(items=items(ticket["product"], ticket["quantity"], rng))
+    urgency = rng.choice(URGENCY[ticket["urgency"]])
+    parts = [rng.choice(GREETINGS), *([urgency, body] if rng.random() < 0.3 else [body, urgency])]
+    return {"prompt": " ".join(p for p in parts if p), "completion": json.dumps(ticket)}
 
 
 def main() -> None:
@@ -62,11 +104,11 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     seen: set[str] = set()
-    splits = {"train": [], "eval": []}
+    splits: dict[str, list[dict[str, str]]] = {"train": [], "eval": []}
     for split, count in (("train", args.train), ("eval", args.eval)):
         while len(splits[split]) < count:
             row = example(rng)
-            if row["prompt"] in seen:  # no eval prompt appears in train
+            if row["prompt"] in seen:  # no eval message appears in train
                 continue
             seen.add(row["prompt"])
             splits[split].append(row)

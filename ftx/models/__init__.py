@@ -115,13 +115,32 @@ def apply_lora(cfg: DictConfig, model: PreTrainedModel, quantized: bool) -> PreT
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
-        target_modules=as_container(method.target_modules),
+        target_modules=_lora_targets(model, as_container(method.target_modules), method.adapt_output_head),
         use_rslora=method.use_rslora,
         use_dora=method.use_dora,
         bias=method.bias,
         init_lora_weights=method.init_lora_weights,
     )
     return get_peft_model(model, lora)
+
+
+def _lora_targets(model: PreTrainedModel, targets: str | list[str], output_head: bool) -> str | list[str]:
+    """PEFT's target_modules, plus the output head when asked.
+
+    PEFT's ``all-linear`` means every Linear except the output layer; with the head
+    it becomes the explicit list of Linear names (bitsandbytes layers subclass Linear).
+    """
+    if not output_head:
+        return targets
+    import torch
+
+    if targets == "all-linear":
+        targets = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+    head = model.get_output_embeddings()
+    head_name = next(name for name, m in model.named_modules() if m is head).rsplit(".", 1)[-1]
+    return sorted({*targets, head_name})
 
 
 def count_parameters(model: PreTrainedModel) -> dict[str, int]:

@@ -30,12 +30,43 @@ from ftx.config import PretrainConfig
 log = logging.getLogger(__name__)
 
 # Pure-Python stdlib modules with long, well-written docstrings.
-_DOC_MODULES = (
-    "argparse collections contextlib csv dataclasses datetime decimal difflib email "
-    "enum fractions functools heapq http.client inspect ipaddress itertools json "
-    "logging os pathlib pickle random re shutil statistics string subprocess tarfile "
-    "textwrap threading typing unittest urllib.parse zipfile"
-).split()
+_DOC_MODULES = [
+    "argparse",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "inspect",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "zipfile",
+]
 
 
 def python_docs_corpus() -> list[str]:
@@ -114,14 +145,22 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict[str, float]:
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.seq_len * 4,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(model_config)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    # Weight decay on matrices only: decaying norm scales and embeddings shrinks the
+    # logit range, and a LoRA fine-tune (which cannot change either) then plateaus.
+    decayed = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
+    others = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 20), cfg.steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n_seq, generator=generator)
@@ -180,4 +219,3 @@ def train_tokenizer(docs: list[str], vocab_size: int):
         eos_token="<|endoftext|>",
         pad_token="<|pad|>",
     )
-

@@ -48,9 +48,7 @@ class SFTModule(L.LightningModule):
         optimizer = make_optimizer(self.optim, params)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.optim.warmup_steps or round(self.optim.warmup_ratio * total)
-        scheduler = get_scheduler(
-            self.optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
-        )
+        scheduler = get_scheduler(self.optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

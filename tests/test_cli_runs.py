@@ -1,0 +1,76 @@
+"""The CLI end to end: multirun, and the default experiment on ftx's own base."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_overrides
+
+
+def test_multirun_leaves_one_run_directory_per_method(tiny_model_dir, tiny_data, tmp_path):
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path) if not o.startswith("paths.")]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ftx.cli",
+            "train",
+            "-m",
+            "method=full,lora,qlora",
+            f"hydra.sweep.dir={tmp_path}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [p.name.split("-")[-2] for p in runs] == ["full", "lora", "qlora"]
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["status"] == "completed"
+        assert (run / ".hydra" / "config.yaml").is_file()
+    assert (runs[0] / "model").is_dir() and (runs[1] / "adapter").is_dir() and (runs[2] / "adapter").is_dir()
+
+
+@pytest.mark.slow
+def test_default_experiment_pretrains_its_base_once_then_fine_tunes(tmp_path):
+    """`ftx train` as shipped (shortened): builds the pydoc base, fine-tunes on the shipped data."""
+    env = os.environ | {"FTX_CACHE_DIR": str(tmp_path / "cache")}
+    short = [
+        "model.pretrain.steps=4",
+        "model.pretrain.hidden_size=64",
+        "model.pretrain.num_heads=2",
+        "model.pretrain.vocab_size=512",
+        "trainer.max_steps=2",
+        "data.eval_examples=4",
+        "data.max_new_tokens=4",
+        "trainer.progress_bar=false",
+    ]
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "ftx.cli", "train", *short, f"hydra.run.dir={tmp_path / name}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+
+    first = run("first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["method"] == "lora" and metrics["model"] == "pydoc-tiny"
+    built = list((tmp_path / "cache" / "models").iterdir())
+    assert len(built) == 1 and (built[0] / "ftx_pretrain.json").is_file()
+    assert metrics["base_model"] == str(built[0])
+    assert (tmp_path / "first" / "csv" / "version_0" / "metrics.csv").is_file()
+
+    second = run("second")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "pretraining ftx base" in first.stderr and "pretraining ftx base" not in second.stderr

@@ -1,0 +1,122 @@
+"""Every config in conf/ composes and validates, and the CLI composes fast."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import compose_config, tiny_overrides
+from omegaconf import OmegaConf
+
+from ftx.config import ConfigError, config_dir, validate
+
+GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((config_dir() / group).glob("*.yaml"))]
+# Options that only make sense together with another choice.
+PARTNERS = {("quant", "nf4"): ["method=qlora"], ("quant", "fp4"): ["method=qlora"], ("quant", "int8"): ["method=lora"]}
+
+
+def test_every_group_has_options():
+    assert {"model", "method", "quant", "objective", "data", "trainer", "logger"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_validates(group, option, tiny_model_dir, tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_model_dir, tiny_data, tmp_path)
+    if group == "model" and option != "hf":
+        overrides = [o for o in overrides if not o.startswith("model")]
+    if group == "trainer" and option == "gpu":
+        pytest.skip("validated for the GPU in test_gpu_trainer_preset")
+    cfg = compose_config([*overrides, *PARTNERS.get((group, option), []), f"{group}={option}"])
+    validate(cfg)
+    resolved = OmegaConf.to_container(cfg[group], resolve=True)  # every interpolation resolves
+    assert resolved
+
+
+def test_gpu_trainer_preset_composes(tiny_model_dir, tiny_data, tmp_path):
+    cfg = compose_config(
+        [*tiny_overrides(tiny_model_dir, tiny_data, tmp_path), "trainer=gpu", "optim.name=paged_adamw_8bit"]
+    )
+    validate(cfg)
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_default_config_is_lora_on_the_ftx_base():
+    cfg = compose_config([])
+    assert cfg.method.name == "lora" and cfg.quant.name == "none"
+    assert cfg.model.pretrain is not None and cfg.model.name_or_path is None
+    validate(cfg)
+
+
+def test_qlora_selects_nf4_with_double_quant_and_cli_can_override():
+    cfg = compose_config(["method=qlora"])
+    assert (cfg.quant.bits, cfg.quant.quant_type, cfg.quant.double_quant) == (4, "nf4", True)
+    assert compose_config(["method=qlora", "quant=fp4"]).quant.quant_type == "fp4"
+
+
+def test_values_are_overridable():
+    cfg = compose_config(
+        [
+            "method.r=32",
+            "method.alpha=64",
+            "method.use_rslora=true",
+            "optim.lr=2e-4",
+            "method.target_modules=[q_proj,v_proj]",
+        ]
+    )
+    assert (cfg.method.r, cfg.method.alpha, cfg.method.use_rslora, cfg.optim.lr) == (32, 64.0, True, 2e-4)
+    assert list(cfg.method.target_modules) == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_is_refused():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="method.rr"):
+        compose_config(["method.rr=3"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=full", "quant=nf4"], "quant=nf4 .*method=full has no adapter.*method=qlora"),
+        (["method=full", "quant=int8"], "quant=int8"),
+        (["method=qlora", "quant=none"], "method=qlora trains LoRA on a 4-bit base.*quant=nf4"),
+        (["method.r=0"], "method.r=0"),
+        (["optim.name=adamw_8bit"], "optim.name=adamw_8bit .*CPU"),
+        (["trainer.strategy=ddp"], "ddp_spawn"),
+        (["model=hf", "model.name_or_path=/no/such/model"], "/no/such/model: no such directory"),
+        (["model=hf", "model.name_or_path=nobody/nothing-here"], "nobody/nothing-here.*local Hugging Face cache"),
+        (["data.train_file=/no/such.jsonl"], "data.train_file: no such file /no/such.jsonl"),
+        (["method.target_modules=qproj"], "target_modules"),
+    ],
+)
+def test_bad_combinations_name_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(overrides))
+
+
+def _ftx(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ftx.cli", *args], capture_output=True, text=True, timeout=120, **kwargs
+    )
+
+
+def test_cli_help_and_cfg_job_do_not_import_torch():
+    out = _ftx("--help")
+    assert out.returncode == 0 and "ftx train" in out.stdout
+    probe = (
+        "import sys, ftx.cli; ftx.cli.main(['train', '--cfg', 'job']); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "method:" in out.stdout and "name: lora" in out.stdout
+
+
+def test_cli_lists_the_options_of_an_unknown_choice():
+    out = _ftx("train", "method=lorra")
+    assert out.returncode != 0
+    assert "Could not find 'method/lorra'" in out.stderr
+    for option in ("full", "lora", "qlora", "dora"):
+        assert option in out.stderr

@@ -1,0 +1,43 @@
+"""Task metrics on fixture predictions, and the CPU peak-memory measure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftx.evaluation import exact_match, json_fields
+from ftx.memory import PeakMemory
+
+REFERENCE = json.dumps({"name": "Ada Lovelace", "age": 36, "city": "London", "job": "mathematician"})
+
+
+@pytest.mark.parametrize(
+    ("prediction", "score"),
+    [
+        (REFERENCE, 1.0),
+        ('{"name": "Ada Lovelace", "age": 36, "city": "Paris", "job": "mathematician"}', 0.75),
+        ('{"name": "Ada", "age": "36"}', 0.0),
+        ('{"name": "Ada Lovelace", "age": 36', 0.0),
+        ('["Ada Lovelace"]', 0.0),
+        ("", 0.0),
+    ],
+)
+def test_json_fields(prediction, score):
+    assert json_fields(prediction, REFERENCE) == score
+
+
+def test_exact_match():
+    assert exact_match(" yes\n", "yes") == 1.0 and exact_match("no", "yes") == 0.0
+
+
+def test_cpu_peak_memory_sees_torch_allocations():
+    import torch
+
+    meter = PeakMemory("cpu")
+    meter.start()
+    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    del block
+    peak = meter.peak()
+    assert peak["device"] == "cpu"
+    assert 60 * 2**20 <= peak["peak_bytes"] <= 100 * 2**20, peak

@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,  # like ftx's own base: the output head is the embedding
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,

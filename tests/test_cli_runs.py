@@ -66,11 +66,12 @@ def test_default_experiment_pretrains_its_base_once_then_fine_tunes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["method"] == "lora" and metrics["model"] == "pydoc-tiny"
-    built = list((tmp_path / "cache" / "models").iterdir())
+    built = [p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")]
     assert len(built) == 1 and (built[0] / "ftx_pretrain.json").is_file()
     assert metrics["base_model"] == str(built[0])
     assert (tmp_path / "first" / "csv" / "version_0" / "metrics.csv").is_file()
 
     second = run("second")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "pretraining ftx base" in first.stderr and "pretraining ftx base" not in second.stderr
+    assert "pretraining ftx base" in first.stdout + first.stderr
+    assert "pretraining ftx base" not in second.stdout + second.stderr

@@ -40,6 +40,23 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
+class _OncePerMessage(logging.Filter):
+    """bitsandbytes logs the same warning on every int8 matmul; keep the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self.seen:
+            return False
+        self.seen.add(record.msg)
+        return True
+
+
+_ONCE_PER_MESSAGE = _OncePerMessage()
+
+
 def quantization_config(cfg: DictConfig):
     """A transformers BitsAndBytesConfig for ``cfg.quant``, or None."""
     from transformers import BitsAndBytesConfig
@@ -54,6 +71,7 @@ def quantization_config(cfg: DictConfig):
             bnb_4bit_quant_storage=_dtype(cfg.model.dtype),
         )
     if quant.bits == 8:
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_ONCE_PER_MESSAGE)
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
@@ -158,6 +176,12 @@ def count_parameters(model: PreTrainedModel) -> dict[str, int]:
 def save_artefact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path, adapter: bool) -> Path:
     """Write ``adapter/`` (PEFT format) or ``model/`` (safetensors) with the tokenizer."""
     out = run_dir / ("adapter" if adapter else "model")
-    model.save_pretrained(out)
+    if adapter:
+        # Embeddings stay frozen under LoRA; PEFT would still copy them into the
+        # adapter when the output head is adapted and tied to them.
+        model.save_pretrained(out, save_embedding_layers=False)
+    else:
+        model.config.use_cache = True  # loaded for inference, where the cache pays
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -399,7 +399,7 @@ def validate(cfg: DictConfig) -> None:
             "trainer.precision=16-mixed needs a GPU (fp16 autocast with loss scaling). "
             "Use trainer.precision=bf16-mixed or 32-true on CPU."
         )
-    if "ddp" in trainer.strategy and trainer.strategy not in ("ddp_spawn", "ddp_fork"):
+    if "ddp" in trainer.strategy and trainer.strategy not in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
         # Lightning's `ddp` relaunches the command line (pytorch-lightning#11300),
         # which re-runs a whole Hydra multirun in every rank.
         raise ConfigError(

@@ -87,9 +87,7 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
 
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
     memory.start()  # baseline before weights: the peak counts the model's own memory
-    model = load_model(cfg, base)
-    if memory.device == "cuda" and cfg.quant.bits == 16:
-        model.to("cuda")  # bitsandbytes places quantized models on load
+    model = load_model(cfg, base, memory.device)
     params = count_parameters(model)
     log.info(
         "parameters: %d total, %d trainable (%.2f%%)",

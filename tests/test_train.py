@@ -168,3 +168,16 @@ def test_variants_train(extra, tiny_model_dir, tiny_data, tmp_path):
     assert all(not torch.equal(snapshot.before[n], snapshot.after[n]) for n in snapshot.trainable)
     if "method.target_modules=[q_proj,v_proj]" in extra:
         assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in snapshot.trainable} == {"q_proj", "v_proj"}
+
+
+def test_parameter_counts_are_logical_under_4bit(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ftx.models import count_parameters, load_model
+
+    plain = count_parameters(AutoModelForCausalLM.from_pretrained(tiny_model_dir))["total"]
+    for method in ("lora", "qlora"):
+        cfg = compose_config(["model=hf", f"model.name_or_path={tiny_model_dir}", f"method={method}", "method.r=4"])
+        counts = count_parameters(load_model(cfg, str(tiny_model_dir)))
+        adapter = counts["trainable"]
+        assert counts["total"] == plain + adapter, method

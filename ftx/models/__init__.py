@@ -89,8 +89,9 @@ def load_tokenizer(cfg: DictConfig, base: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(cfg: DictConfig, base: str) -> PreTrainedModel:
-    """The base model with ``cfg.method`` applied, in train mode."""
+def load_model(cfg: DictConfig, base: str, device: str = "cpu") -> PreTrainedModel:
+    """The base model with ``cfg.method`` applied, in train mode, on ``device``
+    (loaded there directly: bitsandbytes quantizes while placing weights)."""
     from transformers import AutoModelForCausalLM
 
     quant = quantization_config(cfg)
@@ -99,6 +100,7 @@ def load_model(cfg: DictConfig, base: str) -> PreTrainedModel:
         dtype=_dtype(cfg.model.dtype),
         attn_implementation=cfg.model.attn_implementation,
         quantization_config=quant,
+        device_map={"": device},
         local_files_only=not cfg.model.allow_download,
         trust_remote_code=cfg.model.trust_remote_code,
     )
@@ -162,11 +164,12 @@ def _lora_targets(model: PreTrainedModel, targets: str | list[str], output_head:
 
 
 def count_parameters(model: PreTrainedModel) -> dict[str, int]:
-    """Total and trainable parameters; 4-bit weights count as their logical size."""
+    """Total and trainable parameters; 4-bit weights count as their logical size
+    (bitsandbytes packs them into a flat buffer of quant_storage elements)."""
     total = trainable = 0
     for param in model.parameters():
-        # bitsandbytes packs two 4-bit values per uint8 element.
-        n = param.numel() * 2 if param.__class__.__name__ == "Params4bit" else param.numel()
+        quant_state = getattr(param, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else param.numel()
         total += n
         if param.requires_grad:
             trainable += n

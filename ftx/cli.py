@@ -16,10 +16,14 @@ commands:
                              ftx train --cfg job      (print the composed config)
                              ftx train --help         (config groups and options)
 
+  report PATH... [--out DIR]
+                        table of runs sorted by quality, Pareto front marked:
+                        writes report.md, trials.csv, pareto.png (default: in PATH)
+
 Every value of `ftx train --cfg job` can be overridden as key=value.
 """
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "report")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +36,31 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ftx: unknown command {command!r}; choose from: {', '.join(COMMANDS)}\n", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
+    if command == "report":
+        report(rest)
+        return
     run_hydra(train_job, rest, prog=f"ftx {command}")
+
+
+def report(args: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ftx report", description="Compare runs: quality against peak memory.")
+    parser.add_argument("paths", nargs="+", help="run directories, or sweep/output directories holding them")
+    parser.add_argument(
+        "--out", help="where report.md, trials.csv and pareto.png go (default: the single PATH, else .)"
+    )
+    options = parser.parse_args(args)
+    from ftx.tracking.report import write_report
+
+    out = options.out or (options.paths[0] if len(options.paths) == 1 else ".")
+    try:
+        out_dir, table = write_report(options.paths, out)
+    except FileNotFoundError as error:
+        print(f"ftx report: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(table)
+    print(f"\nwrote {out_dir / 'report.md'}, {out_dir / 'trials.csv'}, {out_dir / 'pareto.png'}")
 
 
 def run_hydra(task, args: list[str], prog: str) -> None:

@@ -11,6 +11,7 @@ config (``ftx train --cfg job``) must stay fast.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,7 +238,9 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
     mode: str = "auto"
-    """W&B mode: auto (online with a key, else offline), online, offline, disabled."""
+    """W&B mode: auto (WANDB_MODE, else online with a key, else offline), online, offline, disabled."""
+    log_artifact: bool = False
+    """Upload the trained adapter/ or model/ as a W&B artifact (type model)."""
 
 
 @dataclass
@@ -394,6 +397,8 @@ def validate(cfg: DictConfig) -> None:
             f"optim.name={cfg.optim.name} uses bitsandbytes' CUDA optimizer kernels. "
             "Use optim.name=adamw on CPU, or trainer=gpu."
         )
+    if cfg.logger.name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'ftx[tensorboard]'.")
     if trainer.accelerator == "cpu" and trainer.precision == "16-mixed":
         raise ConfigError(
             "trainer.precision=16-mixed needs a GPU (fp16 autocast with loss scaling). "

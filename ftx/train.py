@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from ftx.config import validate
 from ftx.data import load_splits
-from ftx.tracking import write_metrics
+from ftx.tracking import close_failed_run, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         record["status"] = "failed"
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = traceback.format_exc(limit=8)
+        close_failed_run()
         raise
     finally:
         write_metrics(run_dir, record)
@@ -65,7 +66,7 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
     from ftx.objectives.meter import RunMeter
     from ftx.objectives.sft import SFTModule
-    from ftx.tracking import log_final, make_logger
+    from ftx.tracking import finish_logger, make_logger
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     base = resolve_base(cfg)
@@ -158,7 +159,7 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
         "base_model": base,
         "artefact": str(artefact.relative_to(run_dir)),
     }
-    log_final(logger, result)
+    finish_logger(logger, result, artefact if cfg.logger.log_artifact else None)
     return result
 
 

@@ -36,6 +36,9 @@ def test_multirun_leaves_one_run_directory_per_method(tiny_model_dir, tiny_data,
         assert metrics["status"] == "completed"
         assert (run / ".hydra" / "config.yaml").is_file()
     assert (runs[0] / "model").is_dir() and (runs[1] / "adapter").is_dir() and (runs[2] / "adapter").is_dir()
+    report = (tmp_path / "report.md").read_text()  # written by the multirun callback
+    assert all(f"| {run.name} |" in report for run in runs)
+    assert "trial 3 done" in out.stdout + out.stderr
 
 
 @pytest.mark.slow
@@ -69,7 +72,7 @@ def test_default_experiment_pretrains_its_base_once_then_fine_tunes(tmp_path):
     built = [p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")]
     assert len(built) == 1 and (built[0] / "ftx_pretrain.json").is_file()
     assert metrics["base_model"] == str(built[0])
-    assert (tmp_path / "first" / "csv" / "version_0" / "metrics.csv").is_file()
+    assert list((tmp_path / "first").glob("wandb/offline-run-*/run-*.wandb"))  # W&B, offline without a key
 
     second = run("second")
     assert second.returncode == 0, second.stderr[-3000:]

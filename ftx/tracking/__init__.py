@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,37 +64,64 @@ def make_logger(cfg: DictConfig, run_dir: Path):
         return TensorBoardLogger(save_dir=run_dir, name="tensorboard")
     from lightning.pytorch.loggers import WandbLogger
 
-    logger = WandbLogger(
+    return WandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
-        group=cfg.logger.group,
+        group=cfg.logger.group or multirun_group(),
         tags=list(cfg.logger.tags),
         name=cfg.run_name,
         save_dir=str(run_dir),
         mode=wandb_mode(cfg.logger.mode),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    return logger
+
+
+def multirun_group() -> str | None:
+    """In a multirun or sweep, the sweep directory's name: its trials share a W&B group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
 
 
 def wandb_mode(mode: str) -> str:
-    """auto = online only when credentials exist; never prompt, never block."""
+    """auto: WANDB_MODE if set, else online only when credentials for the configured
+    host exist, else offline. Never prompts for a key, never waits on a network."""
     if mode != "auto":
         return mode
-    has_key = (
-        bool(os.environ.get("WANDB_API_KEY"))
-        or (Path.home() / ".netrc").is_file()
-        and ("api.wandb.ai" in (Path.home() / ".netrc").read_text())
-    )
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and host in netrc.read_text())
     return "online" if has_key else "offline"
 
 
-def log_final(logger: Any, record: dict[str, Any]) -> None:
-    """Send the run record's numbers to the streaming logger under dotted names."""
+def finish_logger(logger: Any, record: dict[str, Any], artefact: Path | None = None) -> None:
+    """Send the run record's numbers under dotted names, attach the artefact when
+    asked (W&B), and close the run: multirun jobs must never share a W&B run."""
     if not logger:
         return
     numbers = {k: v for k, v in flatten(record).items() if isinstance(v, int | float) and not isinstance(v, bool)}
     logger.log_metrics(numbers)
     logger.save()
-    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-        logger.experiment.finish()  # multirun jobs must never share a W&B run
+    run = getattr(logger, "experiment", None)
+    if hasattr(run, "finish"):  # a wandb Run
+        if artefact is not None:
+            import wandb
+
+            model = wandb.Artifact(name=f"{run.name}-{artefact.name}".replace("/", "-"), type="model")
+            model.add_dir(str(artefact))
+            run.log_artifact(model)
+        run.finish()
+
+
+def close_failed_run() -> None:
+    """Mark an open W&B run failed (exit code 1) so the next multirun job starts its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1)

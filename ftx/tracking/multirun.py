@@ -1,0 +1,84 @@
+"""Hydra callback for multiruns and sweeps: a progress line per finished trial, and
+at the end the local report (report.md, trials.csv, pareto.png) in the sweep
+directory plus, with logger=wandb, one W&B run holding the trials table and a
+quality-versus-memory scatter, so methods compare in one dashboard.
+
+Registered in conf/config.yaml under hydra.callbacks; Hydra imports this module at
+every start, so it imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class MultirunReport(Callback):
+    def __init__(self) -> None:
+        self.finished = 0
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        self.finished += 1
+        status = job_return.status.name.lower()
+        log.info("trial %d done (#%s, %s): %s", self.finished, HydraConfig.get().job.num, status, config.run_name)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from ftx.tracking.report import write_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            out, table = write_report([sweep_dir], sweep_dir)
+        except FileNotFoundError as error:
+            log.warning("no report: %s", error)
+            return
+        log.info("report: %s\n%s", out / "report.md", table)
+        if config.logger.name == "wandb":
+            log_trials_to_wandb(sweep_dir, config)
+
+
+def log_trials_to_wandb(sweep_dir: Path, config: DictConfig) -> None:
+    """One W&B run (job_type=report, grouped with the trials) with the trials table
+    and a quality-versus-peak-memory scatter."""
+    import wandb
+
+    from ftx.tracking import wandb_mode
+    from ftx.tracking.report import COLUMNS, choose_objective, find_runs, pareto_front, read_trial
+
+    rows = [read_trial(run) for run in find_runs([sweep_dir])]
+    objective = choose_objective(rows)
+    front = pareto_front(rows, objective)
+    table = wandb.Table(columns=[*COLUMNS, "pareto"])
+    for row in rows:
+        table.add_data(*[row.get(k) for k in COLUMNS], row["run"] in front)
+    run = wandb.init(
+        project=config.logger.project,
+        entity=config.logger.entity,
+        group=config.logger.group or sweep_dir.name,
+        job_type="report",
+        name=f"report-{sweep_dir.name}",
+        dir=str(sweep_dir),
+        mode=wandb_mode(config.logger.mode),
+        tags=list(config.logger.tags),
+    )
+    try:
+        run.log(
+            {
+                "trials": table,
+                "quality_vs_memory": wandb.plot.scatter(
+                    table, "memory.peak_bytes", objective.key, title=f"{objective.key} against peak memory"
+                ),
+            }
+        )
+    finally:
+        run.finish()

@@ -16,6 +16,14 @@ commands:
                              ftx train --cfg job      (print the composed config)
                              ftx train --help         (config groups and options)
 
+  eval TARGET [overrides]
+                        score a run directory or a model directory on the data
+                        of its config (or data=..., data.eval_file=...)
+  generate TARGET --prompt TEXT [--max-new-tokens N]
+                        greedy completion with the run's prompt template
+  export RUN_DIR --out DIR [--adapter-only]
+                        merge the adapter into the base (dequantized for QLoRA):
+                        a directory that loads with AutoModelForCausalLM
   report PATH... [--out DIR]
                         table of runs sorted by quality, Pareto front marked:
                         writes report.md, trials.csv, pareto.png (default: in PATH)
@@ -23,7 +31,7 @@ commands:
 Every value of `ftx train --cfg job` can be overridden as key=value.
 """
 
-COMMANDS = ("train", "report")
+COMMANDS = ("train", "eval", "generate", "export", "report")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,10 +44,99 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ftx: unknown command {command!r}; choose from: {', '.join(COMMANDS)}\n", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
-    if command == "report":
-        report(rest)
+    if command == "train":
+        run_hydra(train_job, rest, prog="ftx train")
         return
-    run_hydra(train_job, rest, prog=f"ftx {command}")
+    try:
+        {"eval": evaluate, "generate": generate, "export": export, "report": report}[command](rest)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"ftx {command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def load_target(target: str, overrides: list[str]):
+    """(model, tokenizer, cfg) for a run directory (its own config, plus overrides)
+    or a plain model directory (the default config with model=hf)."""
+    from pathlib import Path
+
+    from ftx.config import config_dir, register_configs, register_resolvers, validate
+
+    register_configs()
+    register_resolvers()
+    path = Path(target)
+    run_overrides = path / ".hydra" / "overrides.yaml"
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    if run_overrides.is_file():
+        base_overrides = [*OmegaConf.load(run_overrides), f"paths.output_dir={path}"]
+    else:
+        base_overrides = ["model=hf", f"model.name_or_path={target}", f"paths.output_dir={path}"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*base_overrides, *overrides])
+    validate(cfg)
+    if run_overrides.is_file():
+        from ftx.models.export import load_run
+
+        model, tokenizer, _ = load_run(path)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from ftx.models import load_tokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(target, local_files_only=not cfg.model.allow_download).eval()
+        tokenizer = load_tokenizer(cfg, target)
+    return model, tokenizer, cfg
+
+
+def evaluate(args: list[str]) -> None:
+    import json
+
+    if not args or args[0].startswith("-"):
+        raise ValueError("usage: ftx eval TARGET [overrides]")
+    from ftx.data import load_splits
+    from ftx.evaluation import evaluate as scores_of
+
+    model, tokenizer, cfg = load_target(args[0], args[1:])
+    _, eval_examples = load_splits(cfg)
+    scores = scores_of(cfg, model, tokenizer, eval_examples)
+    print(json.dumps({"target": args[0], "data": cfg.data.name, "quality": scores}, indent=2))
+
+
+def generate(args: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ftx generate", description="Greedy completion of a prompt.")
+    parser.add_argument("target", help="run directory or model directory")
+    parser.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: data.max_new_tokens")
+    options = parser.parse_args(args)
+    from ftx.data import render_prompt
+    from ftx.evaluation import generate as complete
+
+    model, tokenizer, cfg = load_target(options.target, [])
+    prompts = [render_prompt(cfg.data.prompt_template, p) for p in options.prompt]
+    for prompt, completion in zip(
+        options.prompt,
+        complete(model, tokenizer, prompts, options.max_new_tokens or cfg.data.max_new_tokens),
+        strict=True,
+    ):
+        print(f"{prompt}\n→ {completion}")
+
+
+def export(args: list[str]) -> None:
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="ftx export", description="Export a run as a Hugging Face directory.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", required=True, help="new directory to write")
+    parser.add_argument("--adapter-only", action="store_true", help="copy the PEFT adapter instead of merging")
+    options = parser.parse_args(args)
+    from ftx.models.export import export_run
+
+    out = export_run(Path(options.run_dir), Path(options.out), adapter_only=options.adapter_only)
+    print(f"wrote {out}")
 
 
 def report(args: list[str]) -> None:

@@ -156,7 +156,18 @@ class DataConfig:
     max_length: int = 256
     """Tokens per example; longer ones are truncated (counted in the log)."""
     task_metric: str | None = None
-    """Scored on generated completions: json_fields, exact_match or null."""
+    """Scored on generated completions: exact_match, contains, json_valid, json_fields,
+    json_schema, regex, or a callable "package.module:function" (prediction, reference)
+    -> float; null = none."""
+    regex: str | None = None
+    """Pattern a completion must fully match, for task_metric=regex."""
+    json_schema: str | None = None
+    """JSON Schema file a completion must satisfy, for task_metric=json_schema."""
+    general_text: str | None = None
+    """Plain-text file of general text; perplexity on it before and after training
+    gives quality.forgetting (relative change). null = not measured."""
+    general_max_tokens: int = 16384
+    """Tokens of general_text scored (in max_length chunks)."""
     eval_examples: int = 64
     """Held-out examples generated and scored before and after training."""
     max_new_tokens: int = 64
@@ -322,7 +333,6 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
     "objective.name": ("sft",),
-    "data.task_metric": (None, "json_fields", "exact_match"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "optim.scheduler": (
         "linear",
@@ -424,12 +434,40 @@ def validate(cfg: DictConfig) -> None:
         check_model_source(model.tokenizer, model.allow_download, key="model.tokenizer")
 
     data = cfg.data
-    for key in ("data.train_file", "data.eval_file"):
+    check_task_metric(data)
+    for key in ("data.train_file", "data.eval_file", "data.json_schema", "data.general_text"):
         path = _select(cfg, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: no such file {path}.")
     if data.eval_file is None and not 0.0 < data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in (0, 1) when data.eval_file is null.")
+
+
+BUILTIN_METRICS = ("exact_match", "contains", "json_valid", "json_fields", "json_schema", "regex")
+
+
+def check_task_metric(data: DictConfig) -> None:
+    metric = data.task_metric
+    if metric is None or metric in BUILTIN_METRICS and metric not in ("regex", "json_schema"):
+        return
+    if metric == "regex" and not data.regex:
+        raise ConfigError("data.task_metric=regex needs data.regex, e.g. data.regex='\\d+'.")
+    if metric == "json_schema" and not data.json_schema:
+        raise ConfigError("data.task_metric=json_schema needs data.json_schema=/path/to/schema.json.")
+    if metric in BUILTIN_METRICS:
+        return
+    module_name, _, function = metric.partition(":")
+    if not function:
+        raise ConfigError(
+            f"data.task_metric={metric}: not one of {', '.join(BUILTIN_METRICS)}, and not a callable "
+            "named as package.module:function."
+        )
+    try:
+        found = getattr(importlib.import_module(module_name), function, None)
+    except ImportError as error:
+        raise ConfigError(f"data.task_metric={metric}: cannot import {module_name} ({error}).") from None
+    if not callable(found):
+        raise ConfigError(f"data.task_metric={metric}: {module_name} has no function {function}.")
 
 
 def check_model_source(name_or_path: str, allow_download: bool, key: str) -> None:

@@ -1,14 +1,21 @@
-"""Evaluation: held-out loss and task metrics on generated completions, measured
-on the base before training and on the result after, with the same code."""
+"""Evaluation: held-out loss, task metrics on generated completions, and
+perplexity on general text (forgetting), measured on the base before training and
+on the result after with the same code, and by `ftx eval` on its own."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import math
+import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ftx.data import Example, encode_prompt, render_prompt
+from omegaconf import DictConfig
+
+from ftx.data import Example, encode_prompt, make_loader, render_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -33,10 +40,55 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(prediction.strip() == reference.strip())
 
 
+def contains(prediction: str, reference: str) -> float:
+    """1 when the reference occurs in the completion."""
+    return float(reference.strip() in prediction)
+
+
+def json_valid(prediction: str, reference: str) -> float:
+    """1 when the completion parses as JSON, whatever it says."""
+    try:
+        json.loads(prediction)
+    except json.JSONDecodeError:
+        return 0.0
+    return 1.0
+
+
+def regex_match(prediction: str, reference: str, pattern: str) -> float:
+    """1 when the whole completion (stripped) matches ``pattern``."""
+    return float(re.fullmatch(pattern, prediction.strip(), flags=re.DOTALL) is not None)
+
+
+def json_schema_match(prediction: str, reference: str, schema: dict) -> float:
+    """1 when the completion is JSON that validates against ``schema``."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(prediction), schema)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return 0.0
+    return 1.0
+
+
 TASK_METRICS: dict[str, Callable[[str, str], float]] = {
-    "json_fields": json_fields,
     "exact_match": exact_match,
+    "contains": contains,
+    "json_valid": json_valid,
+    "json_fields": json_fields,
 }
+
+
+def resolve_metric(data: DictConfig) -> Callable[[str, str], float]:
+    """The (prediction, reference) -> score function named by ``data.task_metric``."""
+    name = data.task_metric
+    if name in TASK_METRICS:
+        return TASK_METRICS[name]
+    if name == "regex":
+        return functools.partial(regex_match, pattern=data.regex)
+    if name == "json_schema":
+        return functools.partial(json_schema_match, schema=json.loads(Path(data.json_schema).read_text()))
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def held_out_loss(model: PreTrainedModel, loader) -> float:
@@ -98,15 +150,59 @@ def task_score(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    metric: str,
-    template: str,
-    max_new_tokens: int,
+    data: DictConfig,
 ) -> float:
-    """Mean of ``metric`` over greedy completions of ``examples``."""
-    prompts = [render_prompt(template, example.prompt) for example in examples]
-    predictions = generate(model, tokenizer, prompts, max_new_tokens)
-    scores = [TASK_METRICS[metric](p, e.completion) for p, e in zip(predictions, examples, strict=True)]
+    """Mean of ``data.task_metric`` over greedy completions of ``examples``."""
+    metric = resolve_metric(data)
+    prompts = [render_prompt(data.prompt_template, example.prompt) for example in examples]
+    predictions = generate(model, tokenizer, prompts, data.max_new_tokens)
+    scores = [float(metric(p, e.completion)) for p, e in zip(predictions, examples, strict=True)]
     score = sum(scores) / len(scores)
     if not math.isfinite(score):
-        raise ValueError(f"task metric {metric} gave {score}")
+        raise ValueError(f"data.task_metric={data.task_metric} gave {score}")
     return score
+
+
+def perplexity(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, chunk: int, max_tokens: int
+) -> float:
+    """exp(mean next-token loss) over ``text`` cut into ``chunk``-token windows."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    windows = [ids[i : i + chunk] for i in range(0, len(ids) - 1, chunk) if len(ids[i : i + chunk]) > 1]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            x = torch.tensor([window], device=device)
+            total += model(input_ids=x, labels=x).loss.item() * (len(window) - 1)
+            count += len(window) - 1
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def evaluate(
+    cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example]
+) -> dict[str, Any]:
+    """Every quality figure the data config defines, for one model state."""
+    data = cfg.data
+    loader = make_loader(cfg, tokenizer, examples, shuffle=False)
+    scores = {"eval_loss": held_out_loss(model, loader)}
+    if data.task_metric is not None:
+        scores["task_score"] = task_score(model, tokenizer, examples[: data.eval_examples], data)
+    if data.general_text is not None:
+        text = Path(data.general_text).read_text()
+        scores["general_ppl"] = perplexity(model, tokenizer, text, data.max_length, data.general_max_tokens)
+    return scores
+
+
+def before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """quality.* of a run: base_* figures, final ones, and forgetting = relative
+    change of general-text perplexity (positive = the model got worse at it)."""
+    quality = {f"base_{k}": v for k, v in before.items()} | after
+    if "general_ppl" in after:
+        quality["forgetting"] = after["general_ppl"] / before["general_ppl"] - 1.0
+    return quality

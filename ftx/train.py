@@ -58,10 +58,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
 
 def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callbacks: list) -> dict[str, Any]:
     import lightning as L
-    from torch.utils.data import DataLoader
 
-    from ftx.data import TokenizedDataset, collator
-    from ftx.evaluation import held_out_loss, task_score
+    from ftx.data import make_loader
+    from ftx.evaluation import before_after, evaluate
     from ftx.memory import PeakMemory, device_of
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
     from ftx.objectives.meter import RunMeter
@@ -72,19 +71,9 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     base = resolve_base(cfg)
     tokenizer = load_tokenizer(cfg, base)
 
-    def tokenized(examples):
-        return TokenizedDataset(
-            examples, tokenizer, cfg.data.prompt_template, cfg.data.max_length, cfg.objective.completion_only
-        )
-
-    train_set, eval_set = tokenized(train_examples), tokenized(eval_examples)
-    loader_args = {
-        "batch_size": cfg.trainer.batch_size,
-        "collate_fn": collator(tokenizer),
-        "num_workers": cfg.data.num_workers,
-    }
-    train_loader = DataLoader(train_set, shuffle=True, **loader_args)
-    eval_loader = DataLoader(eval_set, shuffle=False, **loader_args)
+    train_loader = make_loader(cfg, tokenizer, train_examples, shuffle=True)
+    eval_loader = make_loader(cfg, tokenizer, eval_examples, shuffle=False)
+    train_set = train_loader.dataset
 
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
     memory.start()  # baseline before weights: the peak counts the model's own memory
@@ -97,17 +86,7 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
         100 * params["trainable"] / params["total"],
     )
 
-    scored = eval_examples[: cfg.data.eval_examples]
-
-    def score() -> dict[str, float]:
-        scores = {"eval_loss": held_out_loss(model, eval_loader)}
-        if cfg.data.task_metric is not None:
-            scores["task_score"] = task_score(
-                model, tokenizer, scored, cfg.data.task_metric, cfg.data.prompt_template, cfg.data.max_new_tokens
-            )
-        return scores
-
-    before = score()
+    before = evaluate(cfg, model, tokenizer, eval_examples)
     log.info("base: %s", before)
 
     module = SFTModule(model, cfg.optim, adapter=cfg.method.adapter is not None)
@@ -139,11 +118,11 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     trainer.fit(module, train_loader, eval_loader)
     train_s = time.perf_counter() - started
 
-    after = score()
+    after = evaluate(cfg, model, tokenizer, eval_examples)
     log.info("fine-tuned: %s", after)
     artefact = save_artefact(model, tokenizer, run_dir, adapter=cfg.method.adapter is not None)
 
-    quality = {f"base_{k}": v for k, v in before.items()} | after
+    quality = before_after(before, after)
     result = {
         "params": params | {"trainable_share": params["trainable"] / params["total"]},
         "quality": quality,

@@ -79,6 +79,7 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], run_dir: Path, steps:
         f"data.eval_file={data['eval']}",
         "data.eval_examples=4",
         "data.max_new_tokens=8",
+        "data.general_max_tokens=256",
         f"paths.output_dir={run_dir}",
         f"trainer.max_steps={steps}",
         "trainer.batch_size=4",

@@ -136,6 +136,22 @@ class TokenizedDataset:
         return self.rows[index]
 
 
+def make_loader(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, examples: list[Example], shuffle: bool):
+    """A DataLoader of tokenized, padded batches of ``examples``."""
+    from torch.utils.data import DataLoader
+
+    dataset = TokenizedDataset(
+        examples, tokenizer, cfg.data.prompt_template, cfg.data.max_length, cfg.objective.completion_only
+    )
+    return DataLoader(
+        dataset,
+        batch_size=cfg.trainer.batch_size,
+        shuffle=shuffle,
+        collate_fn=collator(tokenizer),
+        num_workers=cfg.data.num_workers,
+    )
+
+
 def collator(tokenizer: PreTrainedTokenizerBase):
     """Right-pad input_ids with pad, labels with IGNORE_INDEX; build attention_mask."""
     from transformers import DataCollatorForSeq2Seq

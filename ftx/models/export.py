@@ -1,0 +1,119 @@
+"""Use a finished run outside training: reload it, merge its adapter into the base
+and write a plain Hugging Face model directory with a model card.
+
+QLoRA's adapter was trained against the *quantized* base: the merge therefore
+dequantizes the 4-bit (or 8-bit) weights exactly as the forward pass did, then adds
+the LoRA update, so the exported model reproduces base-4bit + adapter, not the
+original full-precision base + adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig, OmegaConf
+
+from ftx.tracking import METRICS_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not an ftx run directory (no {path.relative_to(run_dir)})")
+    return OmegaConf.load(path)
+
+
+def load_run(run_dir: Path, merged: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, DictConfig]:
+    """The trained model of a run (base + adapter, or full weights), in eval mode.
+
+    ``merged``: fold the adapter into dequantized base weights (for export).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftx.models import quantization_config
+
+    cfg = run_config(run_dir)
+    if (run_dir / "model").is_dir():
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+        return model.eval(), AutoTokenizer.from_pretrained(run_dir / "model"), cfg
+    adapter = run_dir / "adapter"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"{run_dir} has neither model/ nor adapter/: did the run complete?")
+    from peft import PeftModel
+
+    base_path = json.loads((run_dir / METRICS_FILE).read_text())["base_model"]
+    quant = quantization_config(cfg)
+    base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=_dtype(cfg))
+    if merged and quant is not None:
+        base = base.dequantize(dtype=_dtype(cfg))
+    model = PeftModel.from_pretrained(base, adapter)
+    if merged:
+        model = model.merge_and_unload()
+    return model.eval(), AutoTokenizer.from_pretrained(adapter), cfg
+
+
+def export_run(run_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path:
+    """Write a directory that loads with plain transformers (or peft, adapter_only)."""
+    import shutil
+
+    record = json.loads((run_dir / METRICS_FILE).read_text())
+    if record.get("status") != "completed":
+        raise ValueError(f"{run_dir}: status is {record.get('status')!r}, not completed; nothing to export")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    if adapter_only:
+        source = run_dir / record["artefact"]
+        shutil.copytree(source, out_dir, dirs_exist_ok=True)
+    else:
+        model, tokenizer, _ = load_run(run_dir, merged=True)
+        model.config.use_cache = True
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(model_card(run_dir, record, adapter_only))
+    return out_dir
+
+
+MERGED_NOTE = "The LoRA update is merged into the base weights (dequantized first where the base was quantized)."
+
+
+def model_card(run_dir: Path, record: dict, adapter_only: bool) -> str:
+    config = OmegaConf.to_yaml(run_config(run_dir))
+    quality = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(record.get("quality", {}).items()) if v is not None)
+    how = (
+        "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_DIR)"
+        if adapter_only
+        else "AutoModelForCausalLM.from_pretrained(THIS_DIR)"
+    )
+    return f"""---
+library_name: {"peft" if adapter_only else "transformers"}
+base_model: {record.get("base_model")}
+tags: [ftx, {record.get("method")}]
+---
+# {record.get("run_name", run_dir.name)}
+
+Fine-tuned with ftx: method `{record.get("method")}`, quantization `{record.get("quant")}`,
+objective `{record.get("objective")}`, seed {record.get("seed")}. Load with `{how}`.
+{"" if adapter_only else MERGED_NOTE}
+
+| metric | value |
+|---|---|
+{quality}
+
+Peak training memory: {record.get("memory", {}).get("peak_bytes")} bytes ({record.get("memory", {}).get("device")}).
+
+## Config
+
+```yaml
+{config}```
+"""
+
+
+def _dtype(cfg: DictConfig):
+    import torch
+
+    return getattr(torch, cfg.model.dtype)

@@ -1,0 +1,173 @@
+"""Using a result: merged export against base+adapter, eval and generate commands,
+metrics by name, and forgetting."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import compose_config, tiny_overrides
+from omegaconf import OmegaConf
+
+from ftx.evaluation import before_after, perplexity, resolve_metric
+from ftx.models.export import export_run, load_run
+from ftx.train import train
+
+PROBE = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+
+
+def trained_run(method, tiny_model_dir, tiny_data, run_dir):
+    """A finished run directory, laid out as `ftx train` leaves it."""
+    overrides = [*tiny_overrides(tiny_model_dir, tiny_data, run_dir), f"method={method}", "optim.lr=1e-2"]
+    cfg = compose_config(overrides)
+    train(cfg)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    return run_dir
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merged_export_matches_base_plus_adapter(method, tiny_model_dir, tiny_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = trained_run(method, tiny_model_dir, tiny_data, tmp_path / "run")
+    adapted, _, _ = load_run(run)  # base (4-bit for QLoRA) + adapter, as trained
+    out = export_run(run, tmp_path / "export")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert "method `" + method + "`" in (out / "README.md").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no peft
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        expected, got = adapted(input_ids=PROBE).logits, merged(input_ids=PROBE).logits
+    if method == "lora":
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    else:
+        # The merge itself is exact: against the dequantized base + unmerged adapter.
+        from peft import PeftModel
+        from transformers import BitsAndBytesConfig
+
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+        base4 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4).eval()
+        dequantized = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4).dequantize()
+        with torch.no_grad():
+            kernel_gap = (base4(input_ids=PROBE).logits - dequantized(input_ids=PROBE).logits).abs().max().item()
+            unmerged = PeftModel.from_pretrained(dequantized, run / "adapter").eval()(input_ids=PROBE).logits
+        torch.testing.assert_close(got, unmerged, rtol=0, atol=1e-5)
+        # Against the 4-bit forward it was trained with, the gap is bitsandbytes' own:
+        # its CPU NF4 kernel rounds block scales to bf16, which the base alone shows.
+        assert (got - expected).abs().max().item() <= 2 * kernel_gap + 1e-5
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=PROBE).logits, got, atol=1e-3), "the merge changed nothing"
+
+
+def test_export_loads_in_a_process_without_ftx(tiny_model_dir, tiny_data, tmp_path):
+    run = trained_run("lora", tiny_model_dir, tiny_data, tmp_path / "run")
+    out = export_run(run, tmp_path / "export")
+    adapter_out = export_run(run, tmp_path / "adapter", adapter_only=True)
+    assert (adapter_out / "adapter_config.json").is_file() and (adapter_out / "README.md").is_file()
+    probe = (
+        "import sys, transformers; "
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+        f"t = transformers.AutoTokenizer.from_pretrained({str(out)!r}); "
+        "assert not any(k.startswith('ftx') for k in sys.modules); print(m.config.model_type)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "llama", done.stderr
+    with pytest.raises(FileExistsError):
+        export_run(run, tmp_path / "export")
+
+
+def test_eval_and_generate_commands(tiny_model_dir, tiny_data, tmp_path):
+    run = trained_run("lora", tiny_model_dir, tiny_data, tmp_path / "run")
+    recorded = json.loads((run / "metrics.json").read_text())["quality"]
+    out = subprocess.run(
+        [sys.executable, "-m", "ftx.cli", "eval", str(run)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    scores = json.loads(out.stdout)["quality"]
+    assert scores["eval_loss"] == pytest.approx(recorded["eval_loss"], abs=1e-5)
+    assert scores["general_ppl"] == pytest.approx(recorded["general_ppl"], rel=1e-5)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ftx.cli",
+            "generate",
+            str(run),
+            "--prompt",
+            "Cancel my order of 2 kettles.",
+            "--max-new-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and "Cancel my order of 2 kettles.\n→ " in out.stdout, out.stderr
+    base = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ftx.cli",
+            "eval",
+            str(tiny_model_dir),
+            f"data.eval_file={tiny_data['eval']}",
+            f"data.train_file={tiny_data['train']}",
+            "data.eval_examples=2",
+            "data.general_max_tokens=64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert base.returncode == 0, base.stderr
+    assert json.loads(base.stdout)["quality"]["eval_loss"] == pytest.approx(recorded["base_eval_loss"], abs=1e-5)
+
+
+def metric(name, **data):
+    return resolve_metric(OmegaConf.create({"task_metric": name, "regex": None, "json_schema": None} | data))
+
+
+def test_metrics_by_name(tmp_path):
+    assert metric("exact_match")(" {} ", "{}") == 1.0
+    assert metric("contains")("the answer is 42.", "42") == 1.0 and metric("contains")("41", "42") == 0.0
+    assert metric("json_valid")('{"a": 1}', "") == 1.0 and metric("json_valid")("{a: 1}", "") == 0.0
+    assert metric("regex", regex=r"\d{3}-\d{4}")(" 555-1234 ", "") == 1.0
+    assert metric("regex", regex=r"\d{3}-\d{4}")("call 555-1234", "") == 0.0
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps({"type": "object", "required": ["intent"], "properties": {"quantity": {"type": "integer"}}})
+    )
+    by_schema = metric("json_schema", json_schema=str(schema))
+    assert by_schema('{"intent": "refund", "quantity": 2}', "") == 1.0
+    assert by_schema('{"intent": "refund", "quantity": "two"}', "") == 0.0
+    assert by_schema('{"quantity": 2}', "") == 0.0
+    assert metric("json:dumps") is json.dumps  # any importable callable
+
+
+def test_forgetting_is_the_relative_change_in_general_perplexity(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quality = before_after({"eval_loss": 2.0, "general_ppl": 10.0}, {"eval_loss": 1.0, "general_ppl": 12.5})
+    assert quality == {
+        "base_eval_loss": 2.0,
+        "base_general_ppl": 10.0,
+        "eval_loss": 1.0,
+        "general_ppl": 12.5,
+        "forgetting": pytest.approx(0.25),
+    }
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "Cancel my order of two kettles. " * 8
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
+    assert perplexity(model, tokenizer, text, chunk=ids.shape[1], max_tokens=10_000) == pytest.approx(
+        expected, rel=1e-5
+    )

@@ -162,3 +162,17 @@ def test_report_cli_prints_the_table_and_refuses_empty_paths(tmp_path):
         [sys.executable, "-m", "ftx.cli", "report", str(empty)], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 2 and "no run directories" in out.stderr
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "none"])
+def test_alternative_loggers_write_their_files(logger, tiny_model_dir, tiny_data, tmp_path):
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path, steps=2) if not o.startswith("logger")]
+    train(compose_config([*overrides, f"logger={logger}"]))
+    assert read_metrics(tmp_path)["status"] == "completed"  # metrics.json whatever the logger
+    if logger == "csv":
+        header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {"train.loss", "quality.eval_loss", "memory.peak_bytes"} <= set(header)
+    elif logger == "tensorboard":
+        assert list((tmp_path / "tensorboard").glob("version_0/events.out.tfevents.*"))
+    else:
+        assert not (tmp_path / "csv").exists() and not (tmp_path / "wandb").exists()

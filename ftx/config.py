@@ -181,7 +181,8 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     name: str = "adamw"
-    """adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes, CUDA: 4x smaller states)."""
+    """adamw (torch); adamw_8bit (bitsandbytes: 4x smaller states, also on CPU) or
+    paged_adamw_8bit (CUDA: states page to host memory under pressure)."""
     lr: float = 2.0e-4
     """Peak learning rate; small models and adapters take larger ones."""
     weight_decay: float = 0.0
@@ -402,10 +403,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer.batch_size", "trainer.accumulate_grad_batches", "data.max_length"):
         if _select(cfg, key) < 1:
             raise ConfigError(f"{key}={_select(cfg, key)} must be >= 1.")
-    if cfg.optim.name != "adamw" and trainer.accelerator == "cpu":
+    if cfg.optim.name == "paged_adamw_8bit" and trainer.accelerator == "cpu":
         raise ConfigError(
-            f"optim.name={cfg.optim.name} uses bitsandbytes' CUDA optimizer kernels. "
-            "Use optim.name=adamw on CPU, or trainer=gpu."
+            "optim.name=paged_adamw_8bit pages optimizer state through CUDA unified memory, "
+            "which a CPU does not have. Use optim.name=adamw_8bit (runs on CPU) or trainer=gpu."
         )
     if cfg.logger.name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'ftx[tensorboard]'.")

@@ -157,8 +157,9 @@ def test_dropout_is_active_during_training(tiny_model_dir, tiny_data, tmp_path):
             "trainer.accumulate_grad_batches=2",
             "method.target_modules=[q_proj,v_proj]",
         ],
+        ["method=full", "optim.name=adamw_8bit"],
     ],
-    ids=["lora-int8", "qlora-fp4", "lora-bf16-ckpt", "qlora-ckpt", "full-ckpt", "rslora-accum-qv"],
+    ids=["lora-int8", "qlora-fp4", "lora-bf16-ckpt", "qlora-ckpt", "full-ckpt", "rslora-accum-qv", "full-adamw8bit"],
 )
 def test_variants_train(extra, tiny_model_dir, tiny_data, tmp_path):
     cfg = compose_config([*tiny_overrides(tiny_model_dir, tiny_data, tmp_path), *extra])
@@ -181,3 +182,26 @@ def test_parameter_counts_are_logical_under_4bit(tiny_model_dir):
         counts = count_parameters(load_model(cfg, str(tiny_model_dir)))
         adapter = counts["trainable"]
         assert counts["total"] == plain + adapter, method
+
+
+def test_qlora_gradients_are_unchanged_by_an_eval_pass_before_training(tiny_model_dir):
+    """bitsandbytes repacks 4-bit weights for inference on some CPUs, after which
+    backward through them is wrong; ftx must train on what it evaluated."""
+    from ftx.models import load_model
+
+    cfg = compose_config(
+        ["model=hf", f"model.name_or_path={tiny_model_dir}", "method=qlora", "method.r=4", "method.dropout=0"]
+    )
+    grads = []
+    for evaluate_first in (False, True):
+        torch.manual_seed(0)
+        model = load_model(cfg, str(tiny_model_dir))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=PROBE)
+            model.train()
+        model(input_ids=PROBE, labels=PROBE).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -53,6 +53,24 @@ def _lower_mmap_threshold() -> bool:
         return False
 
 
+def _release_free_memory() -> None:
+    """Return freed heap memory to the OS before the baseline is read.
+
+    Without this, memory an earlier job of the same process freed (a multirun runs
+    its jobs in one process) stays resident in malloc's arenas, counts in the
+    baseline, and is then reused by this job: its peak would read low.
+    """
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is not None:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 class PeakMemory:
     """Peak memory of the work between ``start()`` and ``peak()`` on one device."""
 
@@ -70,6 +88,7 @@ class PeakMemory:
             return
         if not _lower_mmap_threshold():
             log.warning("could not set malloc's mmap threshold: CPU peak memory will read high")
+        _release_free_memory()
         self.baseline = _status_kib("VmRSS") * 1024
         try:
             _CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS

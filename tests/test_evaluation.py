@@ -41,3 +41,17 @@ def test_cpu_peak_memory_sees_torch_allocations():
     peak = meter.peak()
     assert peak["device"] == "cpu"
     assert 60 * 2**20 <= peak["peak_bytes"] <= 100 * 2**20, peak
+
+
+def test_cpu_peak_memory_is_not_hidden_by_memory_an_earlier_job_freed():
+    """A multirun runs jobs in one process: freed arena memory must not mask the next peak."""
+    import torch
+
+    earlier = [torch.ones(256 * 1024 // 4) for _ in range(600)]  # 150 MiB in 256 KiB blocks (malloc arenas)
+    del earlier
+    meter = PeakMemory("cpu")
+    meter.start()
+    blocks = [torch.ones(256 * 1024 // 4) for _ in range(400)]  # 100 MiB
+    peak = meter.peak()["peak_bytes"]
+    del blocks
+    assert 90 * 2**20 <= peak <= 140 * 2**20, peak

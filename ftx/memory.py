@@ -23,6 +23,7 @@ What "peak" means:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -65,10 +66,8 @@ def _release_free_memory() -> None:
     gc.collect()
     libc_name = ctypes.util.find_library("c")
     if libc_name is not None:
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
             ctypes.CDLL(libc_name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 class PeakMemory:

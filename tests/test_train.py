@@ -100,6 +100,9 @@ def test_adapter_round_trip_through_plain_peft(method, output_head, tiny_model_d
     if method == "qlora":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant)
+    for module in base.modules():  # same 4-bit kernel as in training (see _keep_4bit_layers_trainable)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         base_logits = base(input_ids=PROBE).logits
         logits = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(input_ids=PROBE).logits

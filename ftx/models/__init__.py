@@ -68,7 +68,6 @@ def quantization_config(cfg: DictConfig):
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=_dtype(quant.compute_dtype),
-            bnb_4bit_quant_storage=_dtype(cfg.model.dtype),
         )
     if quant.bits == 8:
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_ONCE_PER_MESSAGE)

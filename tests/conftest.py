@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,10 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], run_dir: Path, steps:
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def ftx_cli(*args: str, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run the `ftx` command in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "ftx.cli", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )

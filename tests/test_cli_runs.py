@@ -5,28 +5,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import tiny_overrides
+from conftest import ftx_cli, tiny_overrides
 
 
 def test_multirun_leaves_one_run_directory_per_method(tiny_model_dir, tiny_data, tmp_path):
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path) if not o.startswith("paths.")]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ftx.cli",
-            "train",
-            "-m",
-            "method=full,lora,qlora",
-            f"hydra.sweep.dir={tmp_path}",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = ftx_cli(
+        "train",
+        "-m",
+        "method=full,lora,qlora",
+        f"hydra.sweep.dir={tmp_path}",
+        *overrides,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
@@ -57,13 +48,7 @@ def test_default_experiment_pretrains_its_base_once_then_fine_tunes(tmp_path):
     ]
 
     def run(name: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "ftx.cli", "train", *short, f"hydra.run.dir={tmp_path / name}"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
+        return ftx_cli("train", *short, f"hydra.run.dir={tmp_path / name}", env=env)
 
     first = run("first")
     assert first.returncode == 0, first.stderr[-3000:]

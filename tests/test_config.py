@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, ftx_cli, tiny_overrides
 from omegaconf import OmegaConf
 
 from ftx.config import ConfigError, config_dir, validate
@@ -96,14 +96,8 @@ def test_bad_combinations_name_the_key_and_the_fix(overrides, message):
         validate(compose_config(overrides))
 
 
-def _ftx(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ftx.cli", *args], capture_output=True, text=True, timeout=120, **kwargs
-    )
-
-
 def test_cli_help_and_cfg_job_do_not_import_torch():
-    out = _ftx("--help")
+    out = ftx_cli("--help")
     assert out.returncode == 0 and "ftx train" in out.stdout
     probe = (
         "import sys, ftx.cli; ftx.cli.main(['train', '--cfg', 'job']); "
@@ -115,7 +109,7 @@ def test_cli_help_and_cfg_job_do_not_import_torch():
 
 
 def test_cli_lists_the_options_of_an_unknown_choice():
-    out = _ftx("train", "method=lorra")
+    out = ftx_cli("train", "method=lorra")
     assert out.returncode != 0
     assert "Could not find 'method/lorra'" in out.stderr
     for option in ("full", "lora", "qlora", "dora"):

@@ -4,15 +4,12 @@ and leaves no run directory that looks finished."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
-from conftest import read_metrics, tiny_overrides
+from conftest import ftx_cli, read_metrics, tiny_overrides
 
 
 def ftx_train(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ftx.cli", "train", *overrides], capture_output=True, text=True, timeout=300
-    )
+    return ftx_cli("train", *overrides, timeout=300)
 
 
 def assert_refused(out: subprocess.CompletedProcess, run_dir, *needles: str) -> None:

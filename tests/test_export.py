@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, ftx_cli, tiny_overrides
 from omegaconf import OmegaConf
 
 from ftx.evaluation import before_after, perplexity, resolve_metric
@@ -86,44 +86,22 @@ def test_export_loads_in_a_process_without_ftx(tiny_model_dir, tiny_data, tmp_pa
 def test_eval_and_generate_commands(tiny_model_dir, tiny_data, tmp_path):
     run = trained_run("lora", tiny_model_dir, tiny_data, tmp_path / "run")
     recorded = json.loads((run / "metrics.json").read_text())["quality"]
-    out = subprocess.run(
-        [sys.executable, "-m", "ftx.cli", "eval", str(run)], capture_output=True, text=True, timeout=300
-    )
+    out = ftx_cli("eval", str(run), timeout=300)
     assert out.returncode == 0, out.stderr
     scores = json.loads(out.stdout)["quality"]
     assert scores["eval_loss"] == pytest.approx(recorded["eval_loss"], abs=1e-5)
     assert scores["general_ppl"] == pytest.approx(recorded["general_ppl"], rel=1e-5)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ftx.cli",
-            "generate",
-            str(run),
-            "--prompt",
-            "Cancel my order of 2 kettles.",
-            "--max-new-tokens",
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = ftx_cli(
+        "generate", str(run), "--prompt", "Cancel my order of 2 kettles.", "--max-new-tokens", "5", timeout=300
     )
     assert out.returncode == 0 and "Cancel my order of 2 kettles.\n→ " in out.stdout, out.stderr
-    base = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ftx.cli",
-            "eval",
-            str(tiny_model_dir),
-            f"data.eval_file={tiny_data['eval']}",
-            f"data.train_file={tiny_data['train']}",
-            "data.eval_examples=2",
-            "data.general_max_tokens=64",
-        ],
-        capture_output=True,
-        text=True,
+    base = ftx_cli(
+        "eval",
+        str(tiny_model_dir),
+        f"data.eval_file={tiny_data['eval']}",
+        f"data.train_file={tiny_data['train']}",
+        "data.eval_examples=2",
+        "data.general_max_tokens=64",
         timeout=300,
     )
     assert base.returncode == 0, base.stderr

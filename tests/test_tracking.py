@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, read_metrics, tiny_overrides
+from conftest import compose_config, ftx_cli, read_metrics, tiny_overrides
 
 from ftx.tracking import wandb_mode
 from ftx.tracking.report import write_report
@@ -64,21 +64,8 @@ def test_multirun_jobs_are_separate_wandb_runs_with_a_report(no_wandb_credential
     overrides = [
         o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path) if not o.startswith(("paths.", "logger"))
     ]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ftx.cli",
-            "train",
-            "-m",
-            "method=full,lora",
-            "logger=wandb",
-            f"hydra.sweep.dir={tmp_path}",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = ftx_cli(
+        "train", "-m", "method=full,lora", "logger=wandb", f"hydra.sweep.dir={tmp_path}", *overrides, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
@@ -152,15 +139,11 @@ def test_pareto_png_is_a_valid_image(tmp_path):
 
 def test_report_cli_prints_the_table_and_refuses_empty_paths(tmp_path):
     write_run(tmp_path, "a", "lora", 8, 0.6, 10 * 2**20)
-    out = subprocess.run(
-        [sys.executable, "-m", "ftx.cli", "report", str(tmp_path)], capture_output=True, text=True, timeout=120
-    )
+    out = ftx_cli("report", str(tmp_path), timeout=120)
     assert out.returncode == 0 and "| ★ | a | lora |" in out.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = subprocess.run(
-        [sys.executable, "-m", "ftx.cli", "report", str(empty)], capture_output=True, text=True, timeout=120
-    )
+    out = ftx_cli("report", str(empty), timeout=120)
     assert out.returncode == 2 and "no run directories" in out.stderr
 
 

@@ -59,26 +59,22 @@ def load_target(target: str, overrides: list[str]):
     or a plain model directory (the default config with model=hf)."""
     from pathlib import Path
 
-    from ftx.config import config_dir, register_configs, register_resolvers, validate
-
-    register_configs()
-    register_resolvers()
-    path = Path(target)
-    run_overrides = path / ".hydra" / "overrides.yaml"
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from ftx.config import compose_config, validate
+
+    path = Path(target)
+    run_overrides = path / ".hydra" / "overrides.yaml"
     if run_overrides.is_file():
         base_overrides = [*OmegaConf.load(run_overrides), f"paths.output_dir={path}"]
     else:
         base_overrides = ["model=hf", f"model.name_or_path={target}", f"paths.output_dir={path}"]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*base_overrides, *overrides])
+    cfg = compose_config([*base_overrides, *overrides])
     validate(cfg)
     if run_overrides.is_file():
         from ftx.models.export import load_run
 
-        model, tokenizer, _ = load_run(path)
+        model, tokenizer = load_run(path)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -291,6 +291,17 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="ftx_schema", node=Config)
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config `ftx train <overrides>` would run, composed without Hydra's runner
+    (for commands that read a run, and for tests)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 # ----------------------------------------------------------------- resources & paths
 
 

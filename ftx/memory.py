@@ -23,9 +23,9 @@ What "peak" means:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 from pathlib import Path
 
@@ -44,14 +44,22 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in {_STATUS}")
 
 
-def _lower_mmap_threshold() -> bool:
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (has mallopt and malloc_trim), else None."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
     try:
-        return bool(ctypes.CDLL(libc_name).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # not glibc
-        return False
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _lower_mmap_threshold() -> bool:
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
 
 
 def _release_free_memory() -> None:
@@ -64,10 +72,9 @@ def _release_free_memory() -> None:
     import gc
 
     gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is not None:
-        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-            ctypes.CDLL(libc_name).malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class PeakMemory:

@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from ftx.config import config_dir, project_root, register_configs, register_resolvers
+from ftx.config import project_root
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -62,14 +60,6 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
         files[split] = out / f"{split}.jsonl"
         files[split].write_text("\n".join(lines) + "\n")
     return files
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The config `ftx train <overrides>` would run, composed without Hydra's runner."""
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def tiny_overrides(model_dir: Path, data: dict[str, Path], run_dir: Path, steps: int = 3) -> list[str]:

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import compose_config, ftx_cli, tiny_overrides
+from conftest import ftx_cli, tiny_overrides
 from omegaconf import OmegaConf
 
-from ftx.config import ConfigError, config_dir, validate
+from ftx.config import ConfigError, compose_config, config_dir, validate
 
 GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((config_dir() / group).glob("*.yaml"))]

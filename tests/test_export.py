@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_config, ftx_cli, tiny_overrides
+from conftest import ftx_cli, tiny_overrides
 from omegaconf import OmegaConf
 
+from ftx.config import compose_config
 from ftx.evaluation import before_after, perplexity, resolve_metric
 from ftx.models.export import export_run, load_run
 from ftx.train import train
@@ -36,7 +37,7 @@ def test_merged_export_matches_base_plus_adapter(method, tiny_model_dir, tiny_da
     from transformers import AutoModelForCausalLM
 
     run = trained_run(method, tiny_model_dir, tiny_data, tmp_path / "run")
-    adapted, _, _ = load_run(run)  # base (4-bit for QLoRA) + adapter, as trained
+    adapted, _ = load_run(run)  # base (4-bit for QLoRA) + adapter, as trained
     out = export_run(run, tmp_path / "export")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "method `" + method + "`" in (out / "README.md").read_text()

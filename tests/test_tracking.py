@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, ftx_cli, read_metrics, tiny_overrides
+from conftest import ftx_cli, read_metrics, tiny_overrides
 
+from ftx.config import compose_config
 from ftx.tracking import wandb_mode
 from ftx.tracking.report import write_report
 from ftx.train import train

@@ -8,8 +8,9 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import compose_config, read_metrics, tiny_overrides
+from conftest import read_metrics, tiny_overrides
 
+from ftx.config import compose_config
 from ftx.train import train
 
 METHODS = ["full", "lora", "qlora", "dora"]

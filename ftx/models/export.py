@@ -28,7 +28,7 @@ def run_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def load_run(run_dir: Path, merged: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, DictConfig]:
+def load_run(run_dir: Path, merged: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The trained model of a run (base + adapter, or full weights), in eval mode.
 
     ``merged``: fold the adapter into dequantized base weights (for export).
@@ -40,7 +40,7 @@ def load_run(run_dir: Path, merged: bool = False) -> tuple[PreTrainedModel, PreT
     cfg = run_config(run_dir)
     if (run_dir / "model").is_dir():
         model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
-        return model.eval(), AutoTokenizer.from_pretrained(run_dir / "model"), cfg
+        return model.eval(), AutoTokenizer.from_pretrained(run_dir / "model")
     adapter = run_dir / "adapter"
     if not adapter.is_dir():
         raise FileNotFoundError(f"{run_dir} has neither model/ nor adapter/: did the run complete?")
@@ -54,7 +54,7 @@ def load_run(run_dir: Path, merged: bool = False) -> tuple[PreTrainedModel, PreT
     model = PeftModel.from_pretrained(base, adapter)
     if merged:
         model = model.merge_and_unload()
-    return model.eval(), AutoTokenizer.from_pretrained(adapter), cfg
+    return model.eval(), AutoTokenizer.from_pretrained(adapter)
 
 
 def export_run(run_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path:
@@ -70,7 +70,7 @@ def export_run(run_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path
         source = run_dir / record["artefact"]
         shutil.copytree(source, out_dir, dirs_exist_ok=True)
     else:
-        model, tokenizer, _ = load_run(run_dir, merged=True)
+        model, tokenizer = load_run(run_dir, merged=True)
         model.config.use_cache = True
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)

@@ -24,6 +24,12 @@ commands:
   export RUN_DIR --out DIR [--adapter-only]
                         merge the adapter into the base (dequantized for QLoRA):
                         a directory that loads with AutoModelForCausalLM
+  data validate [overrides]
+                        check the data of a config: every problem as
+                        file:line, over-length examples, a token statistics
+                        table (e.g. ftx data validate data=custom
+                        data.train_file=my.jsonl); exit 2 on bad data
+
   report PATH... [--out DIR]
                         table of runs sorted by quality, Pareto front marked:
                         writes report.md, trials.csv, pareto.png (default: in PATH)
@@ -31,7 +37,7 @@ commands:
 Every value of `ftx train --cfg job` can be overridden as key=value.
 """
 
-COMMANDS = ("train", "eval", "generate", "export", "report")
+COMMANDS = ("train", "data", "eval", "generate", "export", "report")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         run_hydra(train_job, rest, prog="ftx train")
         return
     try:
-        {"eval": evaluate, "generate": generate, "export": export, "report": report}[command](rest)
+        {"data": data, "eval": evaluate, "generate": generate, "export": export, "report": report}[command](rest)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"ftx {command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -85,6 +91,45 @@ def load_target(target: str, overrides: list[str]):
     return model, tokenizer, cfg
 
 
+def data(args: list[str]) -> None:
+    """ftx data validate [overrides]: the checks ``ftx train`` runs on its data,
+    with every problem listed, and what the data costs per epoch."""
+    if not args or args[0] != "validate":
+        raise ValueError("usage: ftx data validate [overrides]")
+    from ftx.config import compose_config, validate
+    from ftx.data import load_splits
+
+    cfg = compose_config([*args[1:], "paths.output_dir=."])
+    validate(cfg)
+    splits = load_splits(cfg, shown=1000)
+    data_cfg = cfg.data
+    print(
+        f"{data_cfg.train_file}: format {splits.format} ({splits.kind}), {len(splits.train)} train / "
+        f"{len(splits.eval)} eval rows, {splits.skipped} invalid row(s) skipped"
+    )
+    from ftx.data.tokenized import stats_table, tokenize_split
+    from ftx.models import load_tokenizer, resolve_base
+
+    tokenizer = load_tokenizer(cfg, resolve_base(cfg))
+    stats = {}
+    for name, records in (("train", splits.train), ("eval", splits.eval)):
+        if splits.kind == "preference":
+            pairs = [record.as_examples() for record in records]
+            for index, side in enumerate(("chosen", "rejected")):
+                examples = [pair[index] for pair in pairs]
+                stats[f"{name} ({side})"] = tokenize_split(cfg, tokenizer, examples, packing=False).stats
+        else:
+            stats[name] = tokenize_split(cfg, tokenizer, records, packing=data_cfg.packing and name == "train").stats
+    print(stats_table(stats, cfg.trainer.batch_size, data_cfg.max_length))
+    for name, split in stats.items():
+        for where in split.over_length:
+            print(f"warning: {where}: longer than data.max_length={data_cfg.max_length} ({name}); truncated")
+        if split.truncated > len(split.over_length):
+            print(f"warning: … and {split.truncated - len(split.over_length)} more in {name}")
+        if split.untrained:
+            print(f"warning: {split.untrained} {name} example(s) have no trained token left after truncation")
+
+
 def evaluate(args: list[str]) -> None:
     import json
 
@@ -94,8 +139,7 @@ def evaluate(args: list[str]) -> None:
     from ftx.evaluation import evaluate as scores_of
 
     model, tokenizer, cfg = load_target(args[0], args[1:])
-    _, eval_examples = load_splits(cfg)
-    scores = scores_of(cfg, model, tokenizer, eval_examples)
+    scores = scores_of(cfg, model, tokenizer, load_splits(cfg).eval)
     print(json.dumps({"target": args[0], "data": cfg.data.name, "quality": scores}, indent=2))
 
 
@@ -107,11 +151,14 @@ def generate(args: list[str]) -> None:
     parser.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: data.max_new_tokens")
     options = parser.parse_args(args)
-    from ftx.data import render_prompt
+    from ftx.data import load_splits
+    from ftx.data.tokenized import renderer_for
     from ftx.evaluation import generate as complete
 
     model, tokenizer, cfg = load_target(options.target, [])
-    prompts = [render_prompt(cfg.data.prompt_template, p) for p in options.prompt]
+    renderer = renderer_for(cfg, tokenizer)
+    chat = load_splits(cfg).train[0].is_chat  # prompts are shown as the run's data was
+    prompts = [renderer.encode_prompt(renderer.user_example(p, chat)) for p in options.prompt]
     for prompt, completion in zip(
         options.prompt,
         complete(model, tokenizer, prompts, options.max_new_tokens or cfg.data.max_new_tokens),

@@ -139,22 +139,46 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    """A prompt/completion dataset with a held-out split and a task metric."""
+    """A dataset in one of the supported formats, its held-out split, how it is
+    rendered and tokenized, and the task metric scored on generations."""
 
     name: str = MISSING
     """Short name recorded in metrics.json."""
     train_file: str = MISSING
-    """JSONL with one {"prompt": ..., "completion": ...} object per line."""
+    """.jsonl, .json, .csv or .parquet file, a save_to_disk directory, or a hub dataset
+    name already in the local cache."""
+    format: str = "auto"
+    """auto (detected from the first row), prompt_completion, text, chat (OpenAI
+    messages), alpaca, sharegpt, preference (TRL prompt/chosen/rejected) or
+    openai_preference."""
+    train_split: str = "train"
+    """Split of a saved or hub dataset to train on (ignored for single files)."""
     eval_file: str | None = None
-    """Held-out JSONL; null = split eval_fraction off train_file."""
+    """Held-out data (same kinds of source); null = eval_split, else eval_fraction."""
+    eval_split: str | None = None
+    """Held-out split of train_file's dataset (or of eval_file's), e.g. test."""
     eval_fraction: float = 0.1
-    """Share of train_file held out when eval_file is null."""
+    """Share of train_file held out when neither eval_file nor eval_split is set."""
     split_seed: int = 0
     """Seed of that split."""
-    prompt_template: str = "{prompt}\n### JSON:\n"
-    """How a prompt is shown to the model; the completion follows it, then EOS."""
+    on_error: str = "refuse"
+    """refuse: any invalid row stops the run, every problem listed by file:line;
+    skip: invalid rows are dropped and counted (data.skipped in metrics.json)."""
+    prompt_template: str = "{prompt}"
+    """How a prompt/completion prompt is shown to the model; the completion follows
+    it, then EOS. (Conversations use the chat template instead.)"""
+    chat_template: str | None = None
+    """Jinja chat template for conversations; null = the tokenizer's own, or ftx's
+    default (ftx.data.render.DEFAULT_CHAT_TEMPLATE) when it has none."""
     max_length: int = 256
-    """Tokens per example; longer ones are truncated (counted in the log)."""
+    """Tokens per example (per packed row with packing); longer examples are
+    truncated, counted and reported."""
+    packing: bool = False
+    """Pack several examples into each max_length row (padding-free, positions reset
+    per example): fewer wasted pad tokens, faster epochs on short examples."""
+    cache: bool = True
+    """Cache tokenized data under paths.cache_dir (keyed by data, tokenizer,
+    templates and settings) so repeated runs and sweep trials skip tokenizing."""
     task_metric: str | None = None
     """Scored on generated completions: exact_match, contains, json_valid, json_fields,
     json_schema, regex, or a callable "package.module:function" (prediction, reference)
@@ -345,6 +369,17 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
     "objective.name": ("sft",),
+    "data.format": (
+        "auto",
+        "prompt_completion",
+        "text",
+        "chat",
+        "alpaca",
+        "sharegpt",
+        "preference",
+        "openai_preference",
+    ),
+    "data.on_error": ("refuse", "skip"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "optim.scheduler": (
         "linear",
@@ -447,13 +482,24 @@ def validate(cfg: DictConfig) -> None:
 
     data = cfg.data
     check_task_metric(data)
-    for key in ("data.train_file", "data.eval_file", "data.json_schema", "data.general_text"):
+    for key in ("data.train_file", "data.eval_file"):
+        source = _select(cfg, key)
+        # A hub dataset name is looked up in the local cache when the data loads.
+        missing = source is not None and not Path(source).expanduser().exists()
+        if missing and (Path(source).suffix.lower() in DATA_SUFFIXES or not _is_hub_id(source)):
+            raise ConfigError(f"{key}: no such file or directory {source}.")
+    for key in ("data.json_schema", "data.general_text"):
         path = _select(cfg, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: no such file {path}.")
-    if data.eval_file is None and not 0.0 < data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in (0, 1) when data.eval_file is null.")
+    if data.eval_file is None and data.eval_split is None and not 0.0 < data.eval_fraction < 1.0:
+        raise ConfigError(
+            f"data.eval_fraction={data.eval_fraction} must be in (0, 1) "
+            "when data.eval_file and data.eval_split are null."
+        )
 
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".ndjson")
 
 BUILTIN_METRICS = ("exact_match", "contains", "json_valid", "json_fields", "json_schema", "regex")
 
@@ -492,8 +538,7 @@ def check_model_source(name_or_path: str, allow_download: bool, key: str) -> Non
         if key == "model.name_or_path" and not (path / "config.json").is_file():
             raise ConfigError(f"{key}={name_or_path}: the directory has no config.json.")
         return
-    is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.startswith((".", "~"))
-    if not is_hub_id:
+    if not _is_hub_id(name_or_path):
         raise ConfigError(f"{key}={name_or_path}: no such directory.")
     if allow_download:
         return
@@ -505,6 +550,11 @@ def check_model_source(name_or_path: str, allow_download: bool, key: str) -> Non
             "Hugging Face cache. Download it once (hf download), point to a local "
             "directory, or set model.allow_download=true."
         )
+
+
+def _is_hub_id(name: str) -> bool:
+    """``name`` or ``org/name``, as the hub spells repository ids (not a path)."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "~"))
 
 
 def as_container(value: Any) -> Any:

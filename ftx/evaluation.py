@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from ftx.data import Example, encode_prompt, make_loader, render_prompt
+from ftx.data import Example
+from ftx.data.tokenized import make_loader, renderer_for
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -112,11 +113,11 @@ def held_out_loss(model: PreTrainedModel, loader) -> float:
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[list[int]],
     max_new_tokens: int,
     batch_size: int = 32,
 ) -> list[str]:
-    """Greedy completions (decoded, special tokens dropped) for rendered prompts."""
+    """Greedy completions (decoded, special tokens dropped) of prompt token ids."""
     import torch
 
     was_training, use_cache = model.training, model.config.use_cache
@@ -128,7 +129,7 @@ def generate(
     try:
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                ids = [{"input_ids": encode_prompt(tokenizer, p)} for p in prompts[start : start + batch_size]]
+                ids = [{"input_ids": p} for p in prompts[start : start + batch_size]]
                 enc = tokenizer.pad(ids, return_tensors="pt").to(device)
                 generated = model.generate(
                     **enc,
@@ -147,19 +148,21 @@ def generate(
 
 
 def task_score(
+    cfg: DictConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    data: DictConfig,
 ) -> float:
-    """Mean of ``data.task_metric`` over greedy completions of ``examples``."""
-    metric = resolve_metric(data)
-    prompts = [render_prompt(data.prompt_template, example.prompt) for example in examples]
-    predictions = generate(model, tokenizer, prompts, data.max_new_tokens)
-    scores = [float(metric(p, e.completion)) for p, e in zip(predictions, examples, strict=True)]
+    """Mean of ``data.task_metric`` over greedy completions of ``examples``, each
+    against its reference (the completion, or the conversation's last answer)."""
+    metric = resolve_metric(cfg.data)
+    renderer = renderer_for(cfg, tokenizer)
+    prompts = [renderer.encode_prompt(example) for example in examples]
+    predictions = generate(model, tokenizer, prompts, cfg.data.max_new_tokens)
+    scores = [float(metric(p, e.reference())) for p, e in zip(predictions, examples, strict=True)]
     score = sum(scores) / len(scores)
     if not math.isfinite(score):
-        raise ValueError(f"data.task_metric={data.task_metric} gave {score}")
+        raise ValueError(f"data.task_metric={cfg.data.task_metric} gave {score}")
     return score
 
 
@@ -192,7 +195,7 @@ def evaluate(
     loader = make_loader(cfg, tokenizer, examples, shuffle=False)
     scores = {"eval_loss": held_out_loss(model, loader)}
     if data.task_metric is not None:
-        scores["task_score"] = task_score(model, tokenizer, examples[: data.eval_examples], data)
+        scores["task_score"] = task_score(cfg, model, tokenizer, examples[: data.eval_examples])
     if data.general_text is not None:
         text = Path(data.general_text).read_text()
         scores["general_ppl"] = perplexity(model, tokenizer, text, data.max_length, data.general_max_tokens)

@@ -13,13 +13,14 @@ import math
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from ftx.config import validate
-from ftx.data import load_splits
+from ftx.data import load_splits, require_kind
 from ftx.tracking import close_failed_run, write_metrics
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     }
     try:
         validate(cfg)
-        train_examples, eval_examples = load_splits(cfg)
-        record.update(_fit(cfg, run_dir, train_examples, eval_examples, callbacks or []))
+        splits = load_splits(cfg)
+        require_kind(splits, "sft", cfg.objective.name, cfg.data.train_file)
+        record.update(_fit(cfg, run_dir, splits, callbacks or []))
         record["status"] = "completed"
     except BaseException as error:
         record["status"] = "failed"
@@ -56,10 +58,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     return record
 
 
-def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callbacks: list) -> dict[str, Any]:
+def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, Any]:
     import lightning as L
 
-    from ftx.data import make_loader
+    from ftx.data.tokenized import make_loader
     from ftx.evaluation import before_after, evaluate
     from ftx.memory import PeakMemory, device_of
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
@@ -71,9 +73,20 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     base = resolve_base(cfg)
     tokenizer = load_tokenizer(cfg, base)
 
-    train_loader = make_loader(cfg, tokenizer, train_examples, shuffle=True)
+    eval_examples = splits.eval
+    # Tokenized (or read from the cache) before the weights load: a template that
+    # cannot be rendered stops the run here.
+    train_loader = make_loader(cfg, tokenizer, splits.train, shuffle=True, packing=cfg.data.packing)
     eval_loader = make_loader(cfg, tokenizer, eval_examples, shuffle=False)
-    train_set = train_loader.dataset
+    train_stats = train_loader.dataset.stats
+    if train_stats.truncated:
+        log.warning(
+            "%d of %d training examples are longer than data.max_length=%d (longest %d) and were truncated",
+            train_stats.truncated,
+            train_stats.examples,
+            cfg.data.max_length,
+            train_stats.longest,
+        )
 
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
     memory.start()  # baseline before weights: the peak counts the model's own memory
@@ -132,9 +145,9 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
         "train": {
             "steps": trainer.global_step,
             "final_loss": float(trainer.callback_metrics.get("train.loss", math.nan)),
-            "examples": len(train_set),
-            "truncated": train_set.truncated,
         },
+        "data": {"format": splits.format, "skipped": splits.skipped, "packing": cfg.data.packing}
+        | {k: v for k, v in asdict(train_stats).items() if k != "over_length"},
         "base_model": base,
         "artefact": str(artefact.relative_to(run_dir)),
     }

@@ -87,7 +87,9 @@ def test_unknown_key_is_refused():
         (["trainer.strategy=ddp"], "ddp_spawn"),
         (["model=hf", "model.name_or_path=/no/such/model"], "/no/such/model: no such directory"),
         (["model=hf", "model.name_or_path=nobody/nothing-here"], "nobody/nothing-here.*local Hugging Face cache"),
-        (["data.train_file=/no/such.jsonl"], "data.train_file: no such file /no/such.jsonl"),
+        (["data.train_file=/no/such.jsonl"], "data.train_file: no such file or directory /no/such.jsonl"),
+        (["data.format=jsonl"], "data.format=jsonl is not one of: auto, prompt_completion"),
+        (["data.on_error=ignore"], "data.on_error=ignore is not one of: refuse, skip"),
         (["method.target_modules=qproj"], "target_modules"),
     ],
 )

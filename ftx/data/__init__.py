@@ -1,159 +1,142 @@
-"""Data: read prompt/completion JSONL → validate every line → split → tokenize with
-the prompt masked out of the loss → collate padded batches.
+"""Data: read → detect/declare the format → validate every row → split → render
+with a template → tokenize with the loss masked to what should be learnt → (pack)
+→ cache → collate.
 
 Reading and validating need no tokenizer and no torch, so ``ftx train`` checks the
 data before any weights load and names the file and line of every problem.
+
+- :mod:`ftx.data.sources`: files, saved datasets, the hub cache → located rows
+- :mod:`ftx.data.formats`: the formats users bring → :class:`Example` / :class:`Preference`
+- :mod:`ftx.data.render`: chat and prompt templates → token ids and labels
+- :mod:`ftx.data.tokenized`: truncation, packing, caching, batches, statistics
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from ftx.data.formats import FORMATS, DataError, Example, Format, Preference, describe_formats, detect_format
+from ftx.data.render import IGNORE_INDEX, Renderer
+from ftx.data.sources import BadRow, read_rows
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "Example",
+    "Preference",
+    "Renderer",
+    "Splits",
+    "load_records",
+    "load_splits",
+]
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
-
-
-class DataError(ValueError):
-    """Bad data; the message lists file:line and reason for every problem found."""
+SHOWN_PROBLEMS = 20
 
 
 @dataclass
-class Example:
-    prompt: str
-    completion: str
-    source: str
-    """file:line the example came from."""
+class Records:
+    """The valid records of one source, in order."""
+
+    records: list[Example | Preference]
+    format: Format
+    skipped: int
+    """Invalid rows dropped under data.on_error=skip."""
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Read and validate a prompt/completion JSONL file; report every bad line."""
-    path = Path(path)
-    examples, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            if not line.strip():
+@dataclass
+class Splits:
+    train: list[Example | Preference]
+    eval: list[Example | Preference]
+    format: str
+    kind: str
+    """sft (examples) or preference (pairs)."""
+    skipped: int
+
+
+def load_records(source: str, split: str, format_name: str, on_error: str, shown: int = SHOWN_PROBLEMS) -> Records:
+    """Every row of ``source`` parsed in ``format_name`` (``auto``: detected from the
+    first row). Invalid rows raise one DataError listing each as location: reason,
+    or with ``on_error=skip`` are dropped and counted."""
+    fmt = None if format_name == "auto" else FORMATS[format_name]
+    records, problems = [], []
+    try:
+        for where, row in read_rows(source, split):
+            if isinstance(row, BadRow):
+                problems.append(f"{where}: {row.reason}")
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                problems.append(f"{where}: invalid JSON ({error.msg} at column {error.colno})")
+            if not isinstance(row, dict):
+                problems.append(f"{where}: expected an object, got {type(row).__name__}")
                 continue
-            line_problems = _row_problems(row)
-            problems.extend(f"{where}: {problem}" for problem in line_problems)
-            if not line_problems:
-                examples.append(Example(row["prompt"], row["completion"], where))
+            if fmt is None:
+                fmt = detect_format(row)
+                if fmt is None:
+                    problems.append(
+                        f"{where}: cannot tell the format from the keys {sorted(row)}; set data.format to one "
+                        f"of: {describe_formats()}"
+                    )
+                    break
+                log.info("%s: format %s (detected from its first row)", source, fmt.name)
+            record, row_problems = fmt.parse(row, where)
+            problems.extend(f"{where}: {problem}" for problem in row_problems)
+            if record is not None:
+                records.append(record)
+    except (FileNotFoundError, KeyError, UnicodeDecodeError) as error:
+        raise DataError(str(error).strip("'\"")) from None
+    if problems and (on_error == "refuse" or fmt is None):
+        listed = "\n  ".join(problems[:shown])
+        more = f"\n  … and {len(problems) - shown} more" if len(problems) > shown else ""
+        fix = "Fix these rows, or set data.on_error=skip to drop them (the count is reported)."
+        raise DataError(f"{len(problems)} problem(s) in {source}:\n  {listed}{more}\n{fix}")
     if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError(f"{len(problems)} problem(s) in {path}:\n  {shown}{more}")
-    if not examples:
-        raise DataError(f"{path}: no examples.")
-    return examples
+        log.warning("%s: skipped %d invalid row(s) (data.on_error=skip), first: %s", source, len(problems), problems[0])
+    if not records:
+        raise DataError(f"{source}: no usable rows.")
+    return Records(records, fmt, len(problems))
 
 
-def _row_problems(row: object) -> list[str]:
-    if not isinstance(row, dict):
-        return [f"expected an object, got {type(row).__name__}"]
-    problems = []
-    for key in ("prompt", "completion"):
-        if key not in row:
-            problems.append(f"missing {key!r}")
-        elif not isinstance(row[key], str):
-            problems.append(f"{key!r} must be a string, got {type(row[key]).__name__}")
-        elif not row[key].strip():
-            problems.append(f"{key!r} is empty")
-    return problems
+def load_splits(cfg: DictConfig, shown: int = SHOWN_PROBLEMS) -> Splits:
+    """Train and held-out records, validated: from ``data.eval_file``, from
+    ``data.eval_split`` of the same source, or ``data.eval_fraction`` split off."""
+    data = cfg.data
+    train = load_records(data.train_file, data.train_split, data.format, data.on_error, shown)
+    if data.eval_file is not None or data.eval_split is not None:
+        source = data.eval_file if data.eval_file is not None else data.train_file
+        held_out = load_records(source, data.eval_split or data.train_split, data.format, data.on_error, shown)
+        if held_out.format.kind != train.format.kind:
+            raise DataError(
+                f"{source} holds {held_out.format.name} data but {data.train_file} holds {train.format.name}: "
+                "train and eval data must be the same kind."
+            )
+        train_records, eval_records = train.records, held_out.records
+        skipped = train.skipped + held_out.skipped
+    else:
+        shuffled = train.records[:]
+        random.Random(data.split_seed).shuffle(shuffled)
+        n_eval = max(1, round(len(shuffled) * data.eval_fraction))
+        if n_eval >= len(shuffled):
+            raise DataError(
+                f"{data.train_file}: {len(shuffled)} row(s) cannot be split into train and eval "
+                f"(data.eval_fraction={data.eval_fraction}); add rows or set data.eval_file."
+            )
+        train_records, eval_records, skipped = shuffled[n_eval:], shuffled[:n_eval], train.skipped
+    return Splits(train_records, eval_records, train.format.name, train.format.kind, skipped)
 
 
-def load_splits(cfg: DictConfig) -> tuple[list[Example], list[Example]]:
-    """Train and held-out examples, validated."""
-    train = read_jsonl(cfg.data.train_file)
-    if cfg.data.eval_file is not None:
-        return train, read_jsonl(cfg.data.eval_file)
-    shuffled = train[:]
-    random.Random(cfg.data.split_seed).shuffle(shuffled)
-    n_eval = max(1, round(len(shuffled) * cfg.data.eval_fraction))
-    return shuffled[n_eval:], shuffled[:n_eval]
-
-
-def render_prompt(template: str, prompt: str) -> str:
-    return template.format(prompt=prompt)
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a rendered prompt, with BOS where the tokenizer has its own.
-
-    Used for training and generation alike so both see identical prompts.
-    """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
-
-
-class TokenizedDataset:
-    """Examples tokenized as prompt + completion + EOS, labels masked on the prompt."""
-
-    def __init__(
-        self,
-        examples: list[Example],
-        tokenizer: PreTrainedTokenizerBase,
-        template: str,
-        max_length: int,
-        completion_only: bool,
-    ) -> None:
-        self.rows = []
-        truncated = 0
-        for example in examples:
-            prompt_ids = encode_prompt(tokenizer, render_prompt(template, example.prompt))
-            answer_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
-            answer_ids = answer_ids + [tokenizer.eos_token_id]
-            input_ids = (prompt_ids + answer_ids)[:max_length]
-            truncated += len(prompt_ids) + len(answer_ids) > max_length
-            masked = [IGNORE_INDEX] * len(prompt_ids) if completion_only else prompt_ids
-            labels = (masked + answer_ids)[:max_length]
-            self.rows.append({"input_ids": input_ids, "labels": labels})
-        if truncated:
-            log.warning("%d of %d examples truncated to data.max_length=%d", truncated, len(examples), max_length)
-        self.truncated = truncated
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.rows[index]
-
-
-def make_loader(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, examples: list[Example], shuffle: bool):
-    """A DataLoader of tokenized, padded batches of ``examples``."""
-    from torch.utils.data import DataLoader
-
-    dataset = TokenizedDataset(
-        examples, tokenizer, cfg.data.prompt_template, cfg.data.max_length, cfg.objective.completion_only
+def require_kind(splits: Splits, kind: str, objective: str, source: str) -> None:
+    """Stop when the data is not what the objective learns from."""
+    if splits.kind == kind:
+        return
+    wanted = {
+        "sft": "prompt/completion, text or conversation data (chat, alpaca, sharegpt)",
+        "preference": "preference pairs (prompt/chosen/rejected, or OpenAI's preferred_output form)",
+    }[kind]
+    raise DataError(
+        f"objective={objective} learns from {wanted}, but {source} holds {splits.format} data. "
+        "Choose data that fits, or the objective that fits the data."
     )
-    return DataLoader(
-        dataset,
-        batch_size=cfg.trainer.batch_size,
-        shuffle=shuffle,
-        collate_fn=collator(tokenizer),
-        num_workers=cfg.data.num_workers,
-    )
-
-
-def collator(tokenizer: PreTrainedTokenizerBase):
-    """Right-pad input_ids with pad, labels with IGNORE_INDEX; build attention_mask."""
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")

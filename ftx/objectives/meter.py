@@ -26,7 +26,8 @@ class RunMeter(L.Callback):
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.step_seconds += time.perf_counter() - self._started
-        self.tokens += int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")  # absent in packed (padding-free) batches: no pad tokens
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         if trainer.global_step % trainer.log_every_n_steps == 0:
             module.log("memory.peak_bytes", float(self.memory.peak()["peak_bytes"]))
             module.log("throughput.tokens_per_s", self.tokens_per_s)

@@ -31,14 +31,16 @@ class SFTModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        # No KV cache while training: it is never read, and with one transformers
+        # stops deriving per-example masks from the position ids of packed rows.
+        loss = self.model(**batch, use_cache=False).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
         self.log("train.loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self.model(**batch).loss
+        loss = self.model(**batch, use_cache=False).loss
         self.log("val.loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self) -> dict[str, Any]:

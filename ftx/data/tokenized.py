@@ -1,0 +1,242 @@
+"""Tokenized splits: encode → truncate → (pack) → cache → batches.
+
+Tokenized data is cached under ``paths.cache_dir/tokenized/<key>`` as a
+``datasets`` Arrow dataset, the key a hash of the examples, the tokenizer (its
+full serialisation and special tokens), both templates and every setting that
+changes the tokens; repeated runs and sweep trials reuse it, and any change makes
+a new entry.
+
+Packing (``data.packing``) uses TRL's best-fit-decreasing ``pack_dataset``:
+examples are placed whole into rows of ``data.max_length`` tokens, and TRL's
+padding-free collator gives each example its own position ids (restarting at 0).
+Models whose attention builds its mask with transformers' ``masking_utils``
+(Llama, Mistral, Qwen2/3, Gemma, Phi-3 and most current decoders) then keep a
+block-diagonal causal mask from those position ids, so packed examples attend only
+to themselves, under eager, sdpa and flash-attention alike; the first token of each
+example is never a target of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
+
+from ftx.data.formats import Example
+from ftx.data.render import IGNORE_INDEX, Renderer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the encoding itself changes
+
+
+@dataclass
+class SplitStats:
+    """What a tokenized split holds (``ftx data validate`` prints these)."""
+
+    examples: int
+    tokens: int
+    """Input tokens after truncation (= tokens seen per epoch)."""
+    trained_tokens: int
+    """Tokens with a label (the loss is averaged over these)."""
+    truncated: int
+    """Examples longer than data.max_length, cut at it."""
+    untrained: int
+    """Examples left with no trained token (after truncation)."""
+    longest: int
+    """Longest example before truncation."""
+    rows: int
+    """Sequences per epoch: examples, or packed rows with data.packing."""
+    over_length: list[str]
+    """Where the first truncated examples came from (file:line), at most 20."""
+
+
+class TokenizedSplit:
+    """Rows of input_ids/labels (+ seq_lengths when packed), with their stats."""
+
+    def __init__(self, rows: list[dict[str, list[int]]], stats: SplitStats) -> None:
+        self.rows = rows
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.rows[index]
+
+
+def renderer_for(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> Renderer:
+    return Renderer(tokenizer, cfg.data.prompt_template, cfg.data.chat_template)
+
+
+def tokenize_split(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, examples: list[Example], packing: bool
+) -> TokenizedSplit:
+    """Encode ``examples`` (from the cache when the same ones were encoded before)."""
+    renderer = renderer_for(cfg, tokenizer)
+    settings = {
+        "version": CACHE_VERSION,
+        "examples": [asdict(e) for e in examples],
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "prompt_template": cfg.data.prompt_template,
+        "chat_template": renderer.chat_template,
+        "max_length": cfg.data.max_length,
+        "completion_only": cfg.objective.completion_only,
+        "packing": packing,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    entry = Path(cfg.paths.cache_dir) / "tokenized" / key
+    if cfg.data.cache and (entry / "stats.json").is_file():
+        return _load(entry)
+    split = _encode(renderer, examples, cfg.data.max_length, cfg.objective.completion_only, packing)
+    if cfg.data.cache:
+        _store(entry, split)
+    return split
+
+
+def _encode(
+    renderer: Renderer, examples: list[Example], max_length: int, completion_only: bool, packing: bool
+) -> TokenizedSplit:
+    rows, over_length, untrained, longest = [], [], 0, 0
+    for example in examples:
+        ids, labels = renderer.encode(example, completion_only)
+        longest = max(longest, len(ids))
+        if len(ids) > max_length:
+            over_length.append(example.source)
+        ids, labels = ids[:max_length], labels[:max_length]
+        # The first label is never a target (labels shift left inside the model).
+        untrained += all(label == IGNORE_INDEX for label in labels[1:])
+        rows.append({"input_ids": ids, "labels": labels})
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    trained = sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in rows)
+    if packing:
+        rows = _pack(rows, max_length)
+    stats = SplitStats(
+        len(examples), tokens, trained, len(over_length), untrained, longest, len(rows), over_length[:20]
+    )
+    return TokenizedSplit(rows, stats)
+
+
+def _pack(rows: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    columns = {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+    return pack_dataset(Dataset.from_dict(columns), seq_length=max_length, strategy="bfd").to_list()
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.chat_template]
+    return hashlib.sha256((vocabulary + json.dumps(specials)).encode()).hexdigest()
+
+
+def _store(entry: Path, split: TokenizedSplit) -> None:
+    """Written to a temporary directory and renamed: a reader sees all or nothing,
+    and two sweep trials writing the same entry at once both succeed."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a bar per cache write is noise in run logs
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-"))
+    try:
+        datasets.Dataset.from_list(split.rows).save_to_disk(str(tmp / "rows"))
+        (tmp / "stats.json").write_text(json.dumps(asdict(split.stats)))
+        tmp.rename(entry)
+    except OSError:
+        if not (entry / "stats.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(entry: Path) -> TokenizedSplit:
+    from datasets import load_from_disk
+
+    stats = SplitStats(**json.loads((entry / "stats.json").read_text()))
+    log.info("tokenized data from cache %s", entry)
+    return TokenizedSplit(load_from_disk(str(entry / "rows")).to_list(), stats)
+
+
+def make_loader(
+    cfg: DictConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    shuffle: bool,
+    packing: bool = False,
+):
+    """A DataLoader of tokenized batches: padded with an attention mask, or with
+    ``packing`` one padding-free row per batch with per-example position ids."""
+    from torch.utils.data import DataLoader
+
+    split = tokenize_split(cfg, tokenizer, examples, packing)
+    return DataLoader(
+        split,
+        batch_size=cfg.trainer.batch_size,
+        shuffle=shuffle,
+        collate_fn=Collator(tokenizer.pad_token_id, packed=packing),
+        num_workers=cfg.data.num_workers,
+    )
+
+
+class Collator:
+    """Batches of rows, as TRL's ``DataCollatorForLanguageModeling`` makes them
+    (re-implemented: importing TRL's trainer module costs seconds and pulls in W&B).
+
+    Unpacked: right-padded input_ids (pad id) and labels (IGNORE_INDEX) with an
+    attention mask. Packed (``padding_free``): the batch flattened into one row, no
+    padding, position ids restarting at 0 for every example, and no example's first
+    token a target of the one before.
+    """
+
+    def __init__(self, pad_token_id: int, packed: bool) -> None:
+        self.pad_token_id = pad_token_id
+        self.packed = packed
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict:
+        import torch
+
+        if self.packed:
+            input_ids = torch.tensor([token for row in rows for token in row["input_ids"]])[None]
+            labels = torch.tensor([label for row in rows for label in row["labels"]])[None]
+            lengths = [length for row in rows for length in row["seq_lengths"]]
+            position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
+            labels[position_ids == 0] = IGNORE_INDEX
+            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        longest = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def stats_table(splits: dict[str, SplitStats], batch_size: int, max_length: int) -> str:
+    """One Markdown row per split: what an epoch costs and what it trains."""
+    lines = [
+        "| split | examples | tokens | trained tokens | truncated | untrained | longest | sequences | steps/epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in splits.items():
+        steps = math.ceil(s.rows / batch_size)
+        lines.append(
+            f"| {name} | {s.examples} | {s.tokens} | {s.trained_tokens} | {s.truncated} | {s.untrained} "
+            f"| {s.longest} | {s.rows} | {steps} |"
+        )
+    return "\n".join(lines) + f"\n\n(max_length {max_length}; truncated examples are cut at it)"

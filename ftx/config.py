@@ -132,9 +132,18 @@ class ObjectiveConfig:
     """What the model is trained to do."""
 
     name: str = "sft"
-    """sft: next-token loss on the completion."""
+    """sft (next-token loss on the answer), reward (a reward model on preference
+    pairs) or dpo (the policy on preference pairs, no reward model)."""
     completion_only: bool = True
     """Mask prompt tokens out of the loss, so only the answer is learnt."""
+    margin: float = 0.0
+    """reward: Bradley-Terry margin m in -log sigmoid(r_chosen - r_rejected - m)."""
+    beta: float = 0.1
+    """dpo: strength of the pull towards the reference (higher = stay closer)."""
+    reference: str = "precomputed"
+    """dpo under full fine-tuning: precomputed (reference log-probs computed once
+    before training, no copy in memory) or copy (a frozen copy of the model).
+    With an adapter the reference is always the model with the adapter disabled."""
 
 
 @dataclass
@@ -368,7 +377,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "quant.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
-    "objective.name": ("sft",),
+    "objective.name": ("sft", "reward", "dpo"),
+    "objective.reference": ("precomputed", "copy"),
     "data.format": (
         "auto",
         "prompt_completion",

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from ftx.config import validate
 from ftx.data import load_splits, require_kind
+from ftx.objectives import DATA_KIND
 from ftx.tracking import close_failed_run, write_metrics
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     try:
         validate(cfg)
         splits = load_splits(cfg)
-        require_kind(splits, "sft", cfg.objective.name, cfg.data.train_file)
+        require_kind(splits, DATA_KIND[cfg.objective.name], cfg.objective.name, cfg.data.train_file)
         record.update(_fit(cfg, run_dir, splits, callbacks or []))
         record["status"] = "completed"
     except BaseException as error:
@@ -61,24 +62,22 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
 def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, Any]:
     import lightning as L
 
-    from ftx.data.tokenized import make_loader
-    from ftx.evaluation import before_after, evaluate
+    from ftx import objectives
+    from ftx.evaluation import before_after
     from ftx.memory import PeakMemory, device_of
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
     from ftx.objectives.meter import RunMeter
-    from ftx.objectives.sft import SFTModule
     from ftx.tracking import finish_logger, make_logger
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     base = resolve_base(cfg)
     tokenizer = load_tokenizer(cfg, base)
 
-    eval_examples = splits.eval
+    objective = objectives.load(cfg.objective.name)
     # Tokenized (or read from the cache) before the weights load: a template that
     # cannot be rendered stops the run here.
-    train_loader = make_loader(cfg, tokenizer, splits.train, shuffle=True, packing=cfg.data.packing)
-    eval_loader = make_loader(cfg, tokenizer, eval_examples, shuffle=False)
-    train_stats = train_loader.dataset.stats
+    train_loader, eval_loader = objective.loaders(cfg, tokenizer, splits)
+    train_stats = _chosen_side(train_loader.dataset.stats)
     if train_stats.truncated:
         log.warning(
             "%d of %d training examples are longer than data.max_length=%d (longest %d) and were truncated",
@@ -90,7 +89,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
 
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
     memory.start()  # baseline before weights: the peak counts the model's own memory
-    model = load_model(cfg, base, memory.device)
+    model = load_model(cfg, base, memory.device, head=objective.HEAD, pad_token_id=tokenizer.pad_token_id)
     params = count_parameters(model)
     log.info(
         "parameters: %d total, %d trainable (%.2f%%)",
@@ -99,10 +98,10 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
         100 * params["trainable"] / params["total"],
     )
 
-    before = evaluate(cfg, model, tokenizer, eval_examples)
+    before = objective.evaluate(cfg, model, tokenizer, splits)
     log.info("base: %s", before)
 
-    module = SFTModule(model, cfg.optim, adapter=cfg.method.adapter is not None)
+    module = objective.Module(model, cfg)
     meter = RunMeter(memory)
     logger = make_logger(cfg, run_dir)
     trainer = L.Trainer(
@@ -131,7 +130,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     trainer.fit(module, train_loader, eval_loader)
     train_s = time.perf_counter() - started
 
-    after = evaluate(cfg, model, tokenizer, eval_examples)
+    after = objective.evaluate(cfg, model, tokenizer, splits)
     log.info("fine-tuned: %s", after)
     artefact = save_artefact(model, tokenizer, run_dir, adapter=cfg.method.adapter is not None)
 
@@ -170,6 +169,11 @@ def _checkpointing(cfg: DictConfig, run_dir: Path) -> list:
             save_last=True,
         )
     ]
+
+
+def _chosen_side(stats):
+    """Data statistics of a split; of its chosen responses for preference pairs."""
+    return stats["chosen"] if isinstance(stats, dict) else stats
 
 
 def _progress_bar(setting: bool | None) -> bool:

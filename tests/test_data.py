@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -76,6 +77,13 @@ def test_each_format_trains_a_step(name, tiny_model_dir, tiny_data, tmp_path):
     assert record["status"] == "completed" and record["train"]["steps"] == 1
     assert record["data"]["format"] == SFT_FILES[name] and record["data"]["trained_tokens"] > 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_packed_training_run(tiny_model_dir, tiny_data, tmp_path):
+    overrides = data_overrides(tiny_model_dir, tiny_data, tmp_path, EXAMPLES / "chat.jsonl", "data.packing=true")
+    record = train(compose_config([*overrides, "data.max_length=256", "trainer.batch_size=2"]))
+    assert record["status"] == "completed" and math.isfinite(record["train"]["final_loss"])
+    assert record["data"]["packing"] and record["data"]["rows"] < record["data"]["examples"] == 5
 
 
 def test_preference_data_is_refused_for_sft_before_weights_load(tiny_model_dir, tiny_data, tmp_path):

@@ -75,7 +75,7 @@ class Renderer:
         ``completion_only=False`` also trains (prompts, system and user turns)."""
         if example.is_chat:
             return self._chat_segments(example.messages)
-        eos = [self.tokenizer.eos_token_id]
+        eos = self._eos()
         if example.prompt is None:  # plain text: all of it is the "completion"
             return [(self._bos(), False, True), (example.completion, True, False), (eos, True, False)]
         return [
@@ -138,6 +138,15 @@ class Renderer:
         return self.tokenizer(segment, add_special_tokens=False)["input_ids"]
 
     def _bos(self) -> list[int]:
-        """BOS where the tokenizer has its own (not when it doubles as EOS, as in GPT-2)."""
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        return [bos] if bos is not None and bos != eos else []
+        """BOS where the tokenizer has its own (not when it doubles as EOS, as in
+        GPT-2); an encoder's CLS (a reward model on BERT-like backbones pools it)."""
+        bos, eos, cls = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.cls_token_id
+        if bos is not None and bos != eos:
+            return [bos]
+        return [cls] if bos is None and cls is not None else []
+
+    def _eos(self) -> list[int]:
+        """EOS, or an encoder's SEP."""
+        eos = self.tokenizer.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.sep_token_id
+        return [eos] if eos is not None else []

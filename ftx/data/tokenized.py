@@ -240,3 +240,40 @@ def stats_table(splits: dict[str, SplitStats], batch_size: int, max_length: int)
             f"| {s.longest} | {s.rows} | {steps} |"
         )
     return "\n".join(lines) + f"\n\n(max_length {max_length}; truncated examples are cut at it)"
+
+
+class PairSplit:
+    """Preference pairs as rows {"chosen": row, "rejected": row}, each side tokenized
+    (and cached) like an SFT example whose response is the trained part."""
+
+    def __init__(self, chosen: TokenizedSplit, rejected: TokenizedSplit) -> None:
+        self.rows = [{"chosen": c, "rejected": r} for c, r in zip(chosen.rows, rejected.rows, strict=True)]
+        self.stats = {"chosen": chosen.stats, "rejected": rejected.stats}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, dict[str, list[int]]]:
+        return self.rows[index]
+
+
+def tokenize_pairs(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, pairs: list) -> PairSplit:
+    sides = [pair.as_examples() for pair in pairs]
+    chosen = tokenize_split(cfg, tokenizer, [side[0] for side in sides], packing=False)
+    rejected = tokenize_split(cfg, tokenizer, [side[1] for side in sides], packing=False)
+    return PairSplit(chosen, rejected)
+
+
+def make_pair_loader(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, pairs: list, shuffle: bool):
+    """Batches of B pairs as one padded batch of 2B sequences: the B chosen first,
+    then the B rejected (one forward pass scores both, as TRL's trainers do)."""
+    from torch.utils.data import DataLoader
+
+    collate = Collator(tokenizer.pad_token_id, packed=False)
+    return DataLoader(
+        tokenize_pairs(cfg, tokenizer, pairs),
+        batch_size=cfg.trainer.batch_size,
+        shuffle=shuffle,
+        collate_fn=lambda rows: collate([r["chosen"] for r in rows] + [r["rejected"] for r in rows]),
+        num_workers=cfg.data.num_workers,
+    )

@@ -88,14 +88,25 @@ def load_tokenizer(cfg: DictConfig, base: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(cfg: DictConfig, base: str, device: str = "cpu") -> PreTrainedModel:
+def load_model(
+    cfg: DictConfig, base: str, device: str = "cpu", head: str = "causal_lm", pad_token_id: int | None = None
+) -> PreTrainedModel:
     """The base model with ``cfg.method`` applied, in train mode, on ``device``
-    (loaded there directly: bitsandbytes quantizes while placing weights)."""
-    from transformers import AutoModelForCausalLM
+    (loaded there directly: bitsandbytes quantizes while placing weights).
+
+    ``head``: ``causal_lm``, or ``reward``: a sequence-classification head with one
+    output (new, trained in full) on the same backbone, a causal LM or an encoder;
+    it reads the score at the last non-pad token, so it needs ``pad_token_id``.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quant = quantization_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
+    auto_class, extra = AutoModelForCausalLM, {}
+    if head == "reward":
+        auto_class, extra = AutoModelForSequenceClassification, {"num_labels": 1, "pad_token_id": pad_token_id}
+    model = auto_class.from_pretrained(
         base,
+        **extra,
         dtype=_dtype(cfg.model.dtype),
         attn_implementation=cfg.model.attn_implementation,
         quantization_config=quant,
@@ -108,14 +119,14 @@ def load_model(cfg: DictConfig, base: str, device: str = "cpu") -> PreTrainedMod
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model = apply_lora(cfg, model, quantized=quant is not None)
+        model = apply_lora(cfg, model, quantized=quant is not None, head=head)
     # from_pretrained returns eval mode and Lightning preserves submodule modes:
     # without this, dropout (LoRA's included) would silently stay off.
     model.train()
     return model
 
 
-def apply_lora(cfg: DictConfig, model: PreTrainedModel, quantized: bool) -> PreTrainedModel:
+def apply_lora(cfg: DictConfig, model: PreTrainedModel, quantized: bool, head: str = "causal_lm") -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     method = cfg.method
@@ -130,12 +141,14 @@ def apply_lora(cfg: DictConfig, model: PreTrainedModel, quantized: bool) -> PreT
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings would cut the graph
+    # SEQ_CLS keeps the new score head trainable in full (modules_to_save).
+    output_head = method.adapt_output_head and head == "causal_lm"
     lora = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type="CAUSAL_LM" if head == "causal_lm" else "SEQ_CLS",
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
-        target_modules=_lora_targets(model, as_container(method.target_modules), method.adapt_output_head),
+        target_modules=_lora_targets(model, as_container(method.target_modules), output_head),
         use_rslora=method.use_rslora,
         use_dora=method.use_dora,
         bias=method.bias,

@@ -1,0 +1,61 @@
+"""What every objective's LightningModule shares: the optimizer and schedule
+(``optim.*``), and checkpoints that hold only trainable tensors under adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+
+class ObjectiveModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = cfg.optim
+        self.adapter = cfg.method.adapter is not None
+        # Checkpoints of adapter runs hold trainable tensors only (see on_save_checkpoint):
+        # the frozen (possibly 4-bit) base is reloaded from its source on resume.
+        self.strict_loading = not self.adapter
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_scheduler
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(self.optim, params)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = self.optim.warmup_steps or round(self.optim.warmup_ratio * total)
+        scheduler = get_scheduler(self.optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapter:
+            trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def log_all(self, prefix: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, value in values.items():
+            self.log(f"{prefix}.{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+
+
+def make_optimizer(optim: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019): torch's, or bitsandbytes' 8-bit / paged
+    variants (Dettmers et al. 2022), which store both moments in 8 bits."""
+    kwargs = {"lr": optim.lr, "weight_decay": optim.weight_decay, "betas": tuple(optim.betas), "eps": optim.eps}
+    if optim.name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    optimizer_class = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optim.name]
+    return optimizer_class(params, **kwargs)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Preference losses compare log-probabilities of two sequences (and of the
+    policy against its reference); dropout noise in one side only biases them, so
+    they train without it, as TRL's trainers do by default (``disable_dropout``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -77,6 +77,12 @@ def load_target(target: str, overrides: list[str]):
         base_overrides = ["model=hf", f"model.name_or_path={target}", f"paths.output_dir={path}"]
     cfg = compose_config([*base_overrides, *overrides])
     validate(cfg)
+    if cfg.objective.name == "reward":
+        raise ValueError(
+            f"{target} is a reward model (objective=reward): it scores sequences rather than generating. "
+            "Its adapter/ loads with AutoModelForSequenceClassification(num_labels=1) + PeftModel; "
+            "its held-out figures are in metrics.json."
+        )
     if run_overrides.is_file():
         from ftx.models.export import load_run
 
@@ -135,11 +141,11 @@ def evaluate(args: list[str]) -> None:
 
     if not args or args[0].startswith("-"):
         raise ValueError("usage: ftx eval TARGET [overrides]")
+    from ftx import objectives
     from ftx.data import load_splits
-    from ftx.evaluation import evaluate as scores_of
 
     model, tokenizer, cfg = load_target(args[0], args[1:])
-    scores = scores_of(cfg, model, tokenizer, load_splits(cfg).eval)
+    scores = objectives.load(cfg.objective.name).evaluate(cfg, model, tokenizer, load_splits(cfg))
     print(json.dumps({"target": args[0], "data": cfg.data.name, "quality": scores}, indent=2))
 
 
@@ -151,13 +157,15 @@ def generate(args: list[str]) -> None:
     parser.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: data.max_new_tokens")
     options = parser.parse_args(args)
-    from ftx.data import load_splits
+    from ftx.data import Preference, load_splits
     from ftx.data.tokenized import renderer_for
     from ftx.evaluation import generate as complete
 
     model, tokenizer, cfg = load_target(options.target, [])
     renderer = renderer_for(cfg, tokenizer)
-    chat = load_splits(cfg).train[0].is_chat  # prompts are shown as the run's data was
+    first = load_splits(cfg).train[0]
+    first = first.as_examples()[0] if isinstance(first, Preference) else first
+    chat = first.is_chat  # prompts are shown as the run's data was
     prompts = [renderer.encode_prompt(renderer.user_example(p, chat)) for p in options.prompt]
     for prompt, completion in zip(
         options.prompt,

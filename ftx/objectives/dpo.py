@@ -57,13 +57,19 @@ def dpo_sigmoid_loss(
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log π(token) over each sequence's trained (response) tokens."""
-    from trl.trainer.utils import selective_log_softmax
-
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    per_token = selective_log_softmax(logits[:, :-1].float(), labels.masked_fill(~mask, 0))
+    per_token = token_logps(logits[:, :-1].float(), labels.masked_fill(~mask, 0))
     return (per_token * mask).sum(-1)
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] without materialising the full log-softmax: the
+    gathered logit minus the logsumexp, as TRL's ``selective_log_softmax`` does for
+    float32 (written out here: importing TRL's trainer utilities costs seconds and
+    prints W&B's banner on stdout, which ``ftx eval`` keeps for its JSON)."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def loaders(cfg: DictConfig, tokenizer, splits) -> tuple[Any, Any]:

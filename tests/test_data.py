@@ -79,6 +79,14 @@ def test_each_format_trains_a_step(name, tiny_model_dir, tiny_data, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("name", PREFERENCE_FILES)
+def test_each_preference_format_trains_a_reward_step(name, tiny_model_dir, tiny_data, tmp_path):
+    overrides = data_overrides(tiny_model_dir, tiny_data, tmp_path, EXAMPLES / name, "objective=reward")
+    record = train(compose_config([*overrides, "data=custom", f"data.train_file={EXAMPLES / name}"]))
+    assert record["status"] == "completed" and record["train"]["steps"] == 1
+    assert record["data"]["format"] == PREFERENCE_FILES[name] and "pair_accuracy" in record["quality"]
+
+
 def test_packed_training_run(tiny_model_dir, tiny_data, tmp_path):
     overrides = data_overrides(tiny_model_dir, tiny_data, tmp_path, EXAMPLES / "chat.jsonl", "data.packing=true")
     record = train(compose_config([*overrides, "data.max_length=256", "trainer.batch_size=2"]))

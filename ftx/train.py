@@ -1,9 +1,10 @@
-"""The pipeline for one run: check → data → base → model → score base → fit →
-score result → save → record. Returns the run record (metrics.json's content).
+"""The pipeline for one run: check → data → base → plan → model → score base →
+fit → score result → save → record. Returns the run record (metrics.json's content).
 
 Everything that can be wrong with the config or the data is found before the
 model loads. Whatever happens after the run directory exists, metrics.json says
-how it ended: ``completed``, or ``failed`` with the error.
+how it ended: ``completed``, ``pruned`` (predicted over ``plan.budget_gb``: no
+weights were loaded) or ``failed`` with the error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 from ftx.config import validate
 from ftx.data import load_splits
+from ftx.memory.plan import OverBudget
 from ftx.tracking import close_failed_run, write_metrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         train_examples, eval_examples = load_splits(cfg)
         record.update(_fit(cfg, run_dir, train_examples, eval_examples, callbacks or []))
         record["status"] = "completed"
+    except OverBudget as over:
+        record.update(status="pruned", reason=str(over), memory={"predicted_bytes": over.plan.peak_bytes})
+        log.warning("run %s pruned: %s", run_dir, over)
+        return record
     except BaseException as error:
         record["status"] = "failed"
         record["error"] = f"{type(error).__name__}: {error}"
@@ -62,6 +68,7 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     from ftx.data import make_loader
     from ftx.evaluation import before_after, evaluate
     from ftx.memory import PeakMemory, device_of
+    from ftx.memory.plan import fits_budget
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
     from ftx.objectives.meter import RunMeter
     from ftx.objectives.sft import SFTModule
@@ -74,6 +81,12 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     train_loader = make_loader(cfg, tokenizer, train_examples, shuffle=True)
     eval_loader = make_loader(cfg, tokenizer, eval_examples, shuffle=False)
     train_set = train_loader.dataset
+
+    fits, predicted = fits_budget(cfg, base, [len(row["input_ids"]) for row in train_set.rows])
+    log.info("predicted peak memory %.1f MiB (%s)", predicted.peak_bytes / 2**20, predicted.peak_phase)
+    if not fits:
+        raise OverBudget(predicted)
+    import peft  # noqa: F401  (its import, ~70 MB on CPU, is library code: keep it out of the peak)
 
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
     memory.start()  # baseline before weights: the peak counts the model's own memory
@@ -126,7 +139,11 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     result = {
         "params": params | {"trainable_share": params["trainable"] / params["total"]},
         "quality": quality,
-        "memory": memory.peak() | {"predicted_bytes": None},
+        "memory": memory.peak()
+        | {
+            "predicted_bytes": predicted.peak_bytes,
+            "predicted": {item.key: item.at_peak for item in predicted.items},
+        },
         "throughput": {"tokens_per_s": meter.tokens_per_s, "tokens": meter.tokens},
         "time": {"train_s": train_s},
         "train": {

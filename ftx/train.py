@@ -68,7 +68,6 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     from ftx.data import make_loader
     from ftx.evaluation import before_after, evaluate
     from ftx.memory import PeakMemory, device_of
-    from ftx.memory.plan import fits_budget
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
     from ftx.objectives.meter import RunMeter
     from ftx.objectives.sft import SFTModule
@@ -82,10 +81,7 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     eval_loader = make_loader(cfg, tokenizer, eval_examples, shuffle=False)
     train_set = train_loader.dataset
 
-    fits, predicted = fits_budget(cfg, base, [len(row["input_ids"]) for row in train_set.rows])
-    log.info("predicted peak memory %.1f MiB (%s)", predicted.peak_bytes / 2**20, predicted.peak_phase)
-    if not fits:
-        raise OverBudget(predicted)
+    predicted = _predict(cfg, base, [len(row["input_ids"]) for row in train_set.rows])
     import peft  # noqa: F401  (its import, ~70 MB on CPU, is library code: keep it out of the peak)
 
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
@@ -139,11 +135,7 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     result = {
         "params": params | {"trainable_share": params["trainable"] / params["total"]},
         "quality": quality,
-        "memory": memory.peak()
-        | {
-            "predicted_bytes": predicted.peak_bytes,
-            "predicted": {item.key: item.at_peak for item in predicted.items},
-        },
+        "memory": memory.peak() | _predicted_record(predicted),
         "throughput": {"tokens_per_s": meter.tokens_per_s, "tokens": meter.tokens},
         "time": {"train_s": train_s},
         "train": {
@@ -157,6 +149,33 @@ def _fit(cfg: DictConfig, run_dir: Path, train_examples, eval_examples, callback
     }
     finish_logger(logger, result, artefact if cfg.logger.log_artifact else None)
     return result
+
+
+def _predict(cfg: DictConfig, base: str, lengths: list[int]):
+    """The planner's prediction (None for an architecture it cannot read, unless a
+    budget needs it); raises OverBudget when over ``plan.budget_gb``."""
+    from ftx.memory.plan import fits_budget
+
+    try:
+        fits, predicted = fits_budget(cfg, base, lengths)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        if cfg.plan.budget_gb is not None:
+            raise
+        log.warning("no memory prediction for this model (%s: %s)", type(error).__name__, error)
+        return None
+    log.info("predicted peak memory %.1f MiB (%s)", predicted.peak_bytes / 2**20, predicted.peak_phase)
+    if not fits:
+        raise OverBudget(predicted)
+    return predicted
+
+
+def _predicted_record(predicted) -> dict[str, Any]:
+    if predicted is None:
+        return {"predicted_bytes": None}
+    return {
+        "predicted_bytes": predicted.peak_bytes,
+        "predicted": {item.key: item.at_peak for item in predicted.items},
+    }
 
 
 def _checkpointing(cfg: DictConfig, run_dir: Path) -> list:

@@ -152,7 +152,7 @@ def _architecture(config_json: str) -> Architecture:
         heads=heads,
         head_dim=head_dim,
         kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
-        intermediate=config.intermediate_size,
+        intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,  # GPT-2 style: 4h
         vocab=config.vocab_size,
         tied=head.weight is model.get_input_embeddings().weight,
         total_params=sum(p.numel() for p in params),
@@ -260,16 +260,20 @@ def plan(cfg: DictConfig, base: str | None = None, lengths: list[int] | None = N
     estimated = lengths is None
     if lengths is None:
         lengths, estimated = token_lengths(cfg, base)
-    device = device_of(cfg.trainer.accelerator) if cfg.trainer.accelerator != "auto" else "cuda"
+    device = device_of(cfg.trainer.accelerator)  # the device the run will measure on
     seq = max(lengths)
     memory = _memory_items(cfg, arch, device, seq)
     peak_phase = memory.pop()
     train = _training_cost(cfg, arch, lengths)
+    # The verdict is against the budget, else the GPU's memory; a CPU run without a
+    # budget has nothing to be checked against.
     budget_gb = cfg.plan.budget_gb
-    if budget_gb is None:
+    if budget_gb is not None:
+        budget_label = f"budget {budget_gb:g} GB"
+    elif device == "cuda":
         budget_gb, budget_label = cfg.plan.gpu_memory_gb, f"{cfg.plan.gpu} ({cfg.plan.gpu_memory_gb:g} GB)"
     else:
-        budget_label = f"budget {budget_gb:g} GB"
+        budget_label = ""
     return Plan(
         model=cfg.model.name,
         method=cfg.method.name,
@@ -293,7 +297,7 @@ def plan(cfg: DictConfig, base: str | None = None, lengths: list[int] | None = N
         cost_usd=train["seconds"] / 3600 * cfg.plan.price_per_hour,
         mfu=cfg.plan.mfu,
         hosted_usd={k: train["tokens"] / 1e6 * v for k, v in as_container(cfg.plan.hosted_usd_per_mtok).items()},
-        budget_bytes=budget_gb * GB,
+        budget_bytes=None if budget_gb is None else budget_gb * GB,
         budget_label=budget_label,
     )
 
@@ -455,12 +459,14 @@ def _memory_items(cfg: DictConfig, arch: Architecture, device: str, seq: int) ->
 
 
 def _weights_note(cfg: DictConfig, arch: Architecture, quantized: list[Linear]) -> str:
-    base_bytes, _ = _param_bytes(cfg)
+    base_bytes, adapter_bytes = _param_bytes(cfg)
+    adapter = _adapter_params(cfg, arch)
+    adapters = f" + {adapter:,} adapter × {adapter_bytes} B" if adapter else ""
     if not quantized:
-        return f"{arch.total_params:,} × {base_bytes} B"
+        return f"{arch.total_params:,} × {base_bytes} B{adapters}"
     per_param = quantized_bytes_per_param(cfg.quant, quantized[0].d_in)
     dq = ", double quant" if cfg.quant.double_quant and cfg.quant.bits == 4 else ""
-    return f"{cfg.quant.name}{dq}: {per_param:.3f} B/param on Linears; the rest {base_bytes} B"
+    return f"{cfg.quant.name}{dq}: {per_param:.3f} B/param on Linears; the rest {base_bytes} B{adapters}"
 
 
 def _optimizer(cfg: DictConfig, tensors: list[int], param_bytes: int, device: str) -> tuple[float, float, str]:
@@ -507,8 +513,8 @@ def _activation_bytes(cfg: DictConfig, arch: Architecture, seq: int, device: str
     else:
         layers = arch.layers * per_layer
     # The 4-D attention mask of a padded batch, shared by the layers: bool for sdpa,
-    # an additive float mask for eager.
-    mask = seq * (1 if cfg.model.attn_implementation != "eager" else residual)
+    # an additive float mask for eager, none for flash_attention_2 (it unpads).
+    mask = {"sdpa": seq, "eager": seq * residual}.get(cfg.model.attn_implementation, 0)
     return seq * (layers + final) + seq * mask
 
 
@@ -527,7 +533,9 @@ def _norm_bytes(cfg: DictConfig, arch: Architecture) -> float:
     return 4 * arch.hidden + (residual * arch.hidden if cfg.method.adapter is None else 0)
 
 
-def _saved_inputs(cfg: DictConfig, group: list[Linear], x_bytes: int, device: str) -> float:
+def _saved_inputs(
+    cfg: DictConfig, group: list[Linear], x_bytes: int, device: str, already_saved: bool = False
+) -> float:
     """Per token: inputs a group of Linears reading one tensor saves for backward.
 
     A frozen Linear needs only its weight for the input's gradient; a trained one
@@ -535,6 +543,7 @@ def _saved_inputs(cfg: DictConfig, group: list[Linear], x_bytes: int, device: st
     dropout makes one dropped copy (kept, or its 16-bit cast under autocast) and a
     mask per adapter: bool from CUDA's fused kernel, the input's dtype on CPU
     (torch's unfused dropout multiplies by a noise tensor, aten/native/Dropout.cpp).
+    ``already_saved``: the input itself is kept by another op, so only copies count.
     """
     method = cfg.method
     full = method.adapter is None
@@ -548,29 +557,41 @@ def _saved_inputs(cfg: DictConfig, group: list[Linear], x_bytes: int, device: st
     if not full and method.dropout > 0:
         mask = 1 if device == "cuda" else x_bytes
         return len(needers) * d_in * (mask + matmul)
-    return len(needers) * cast if cast else x_bytes * d_in
+    if cast:
+        return len(needers) * cast
+    return 0 if already_saved else x_bytes * d_in
 
 
 def _layer_activation_bytes(cfg: DictConfig, arch: Architecture, seq: int, device: str) -> float:
     """Per token, one decoder layer (HF Llama/Mistral/Qwen2 ops):
 
     two RMSNorms (see _norm_bytes); attention keeps rotated q and k, v and its
-    output (flash/sdpa kernels recompute the scores; eager keeps the fp32 softmax
-    and its 16/32-bit copy, heads × seq each); the SwiGLU MLP keeps gate, up and
+    output (flash/sdpa kernels recompute the scores, sdpa keeps its mask as a float
+    bias; eager keeps the fp32 softmax and its 16/32-bit copy, heads × seq each,
+    measured with saved_tensors_hooks); the SwiGLU MLP keeps gate, up and
     silu(gate); Linears keep their inputs (see _saved_inputs); each LoRA keeps its
     rank-r intermediate, DoRA also the base and LoRA outputs it rescales.
     """
     method = cfg.method
     residual, matmul = _stream_bytes(cfg)
     h, kv, i = arch.hidden, arch.kv_dim, arch.intermediate
+    attention = cfg.model.attn_implementation
     total = 2 * _norm_bytes(cfg, arch)
-    total += matmul * (2 * h + 2 * kv)
-    if cfg.model.attn_implementation == "eager":
-        total += arch.heads * seq * (4 + matmul) + matmul * 2 * (h - kv)  # k, v repeated to every head
+    # A padded batch carries a mask; with one, transformers' sdpa path (as eager
+    # always) repeats k and v to every head before the kernel (use_gqa_in_sdpa), and
+    # torch turns the bool mask into a float bias per layer that backward keeps.
+    # flash_attention_2 unpads instead. SFT batches are padded: assumed here.
+    kv_saved = kv if attention == "flash_attention_2" else h
+    total += matmul * (h + 2 * kv_saved)  # q, k, v as the kernel takes them
+    if attention == "eager":
+        total += arch.heads * seq * (4 + matmul)
+    else:  # the kernel's output, which o_proj then reads in place
+        total += matmul * h + (seq * matmul if attention == "sdpa" else 0)
     total += 3 * matmul * i
     for name, group in _input_groups(arch.layer_linears).items():
         x_bytes = residual if name in ("attention input", "mlp input") else matmul
-        total += _saved_inputs(cfg, group, x_bytes, device)
+        shared = name == "o_proj" and attention != "eager"
+        total += _saved_inputs(cfg, group, x_bytes, device, already_saved=shared)
     if method.adapter is not None:
         for lin in adapter_targets(arch.layer_linears, method):
             total += matmul * method.r + (2 * matmul * lin.d_out if method.use_dora else 0)
@@ -710,7 +731,10 @@ def describe(p: Plan) -> str:
 def verdict(p: Plan, alternatives: list[tuple[str, Plan]] | None = None) -> str:
     """One plain sentence: fits or not, against the budget or the GPU."""
     if p.fits is None:
-        return f"peak {human_bytes(p.peak_bytes)}"
+        return (
+            f"peak {human_bytes(p.peak_bytes)} on {p.device}: set plan.budget_gb to check a budget, "
+            "or trainer=gpu to plan the GPU run"
+        )
     share = f"{100 * p.peak_bytes / p.budget_bytes:.0f}%"
     if p.fits:
         return f"fits: {human_bytes(p.peak_bytes)} of {p.budget_label} ({share})"

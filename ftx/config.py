@@ -405,12 +405,13 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=True)
 
 
-def validate(cfg: DictConfig, need_weights: bool = True) -> None:
+def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     """Check a composed config; raise ConfigError naming the key and the fix.
 
     Runs before anything heavy is imported or loaded, so a mistake costs a second,
-    not a model load. ``need_weights=False`` (``ftx plan``) skips the check that the
-    model's weights are available: planning needs only its architecture.
+    not a model load. ``check_sources=False`` skips the check that the model and
+    tokenizer sources exist here: ``ftx plan`` of a preset that states its
+    architecture (``model.arch``) needs neither.
     """
     for key, allowed in _CHOICES.items():
         value = _select(cfg, key)
@@ -474,9 +475,9 @@ def validate(cfg: DictConfig, need_weights: bool = True) -> None:
             "Set exactly one of model.name_or_path (a local directory or cached hub id) "
             "and model.pretrain (an ftx-built base); e.g. model.name_or_path=/path/to/model."
         )
-    if model.name_or_path is not None and need_weights:
+    if model.name_or_path is not None and check_sources:
         check_model_source(model.name_or_path, model.allow_download, key="model.name_or_path")
-    if model.tokenizer is not None and need_weights:
+    if model.tokenizer is not None and check_sources:
         check_model_source(model.tokenizer, model.allow_download, key="model.tokenizer")
 
     data = cfg.data

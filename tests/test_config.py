@@ -31,7 +31,7 @@ def test_option_composes_and_validates(group, option, tiny_model_dir, tiny_data,
     cfg = compose_config([*overrides, *PARTNERS.get((group, option), []), f"{group}={option}"])
     # Family presets (arch facts, hub id) plan without their weights; training them
     # needs the weights (test_family_preset_without_weights_fails_early).
-    validate(cfg, need_weights=cfg.model.arch is None)
+    validate(cfg, check_sources=cfg.model.arch is None)
     resolved = OmegaConf.to_container(cfg[group], resolve=True)  # every interpolation resolves
     assert resolved
 

@@ -257,13 +257,12 @@ def plan(cfg: DictConfig, base: str | None = None, lengths: list[int] | None = N
     from ftx.memory import device_of
 
     arch = architecture(transformers_config(cfg, base))
-    estimated = lengths is None
+    estimated = False
     if lengths is None:
         lengths, estimated = token_lengths(cfg, base)
     device = device_of(cfg.trainer.accelerator)  # the device the run will measure on
     seq = max(lengths)
-    memory = _memory_items(cfg, arch, device, seq)
-    peak_phase = memory.pop()
+    memory, peak_phase = _memory_items(cfg, arch, device, seq)
     train = _training_cost(cfg, arch, lengths)
     # The verdict is against the budget, else the GPU's memory; a CPU run without a
     # budget has nothing to be checked against.
@@ -374,8 +373,8 @@ def _artefact_bytes(cfg: DictConfig, arch: Architecture) -> int:
 # ------------------------------------------------------------------------------ memory
 
 
-def _memory_items(cfg: DictConfig, arch: Architecture, device: str, seq: int) -> list:
-    """The breakdown (list of Item) followed by the name of the peak phase."""
+def _memory_items(cfg: DictConfig, arch: Architecture, device: str, seq: int) -> tuple[list[Item], str]:
+    """The breakdown, and the moment of the peak."""
     method, quant, trainer = cfg.method, cfg.quant, cfg.trainer
     full = method.adapter is None
     base_bytes, adapter_bytes = _param_bytes(cfg)
@@ -453,9 +452,8 @@ def _memory_items(cfg: DictConfig, arch: Architecture, device: str, seq: int) ->
             + (", dequantized weight" if quantized else ""),
         ),
         Item("overhead", f"framework overhead ({device})", overhead, overhead, f"plan.{device}_overhead_mb"),
-        "start of backward" if in_backward else "optimizer step",
     ]
-    return items
+    return items, "start of backward" if in_backward else "optimizer step"
 
 
 def _weights_note(cfg: DictConfig, arch: Architecture, quantized: list[Linear]) -> str:
@@ -783,7 +781,7 @@ def plan_overrides(overrides: list[str]) -> Plan:
     from ftx.config import compose_config, validate
 
     cfg = compose_config(overrides)
-    validate(cfg, need_weights=False)
+    validate(cfg, check_sources=cfg.model.arch is None)  # without arch, config.json must be here
     return plan(cfg)
 
 

@@ -16,6 +16,14 @@ commands:
                              ftx train --cfg job      (print the composed config)
                              ftx train --help         (config groups and options)
 
+  plan [--compare] [--json] [overrides]
+                        predict peak memory (broken down), trainable share,
+                        artefact size, time and cost, without loading weights;
+                        exits 1 when it does not fit plan.budget_gb (or the GPU)
+                        e.g. ftx plan model=llama31_8b method=qlora trainer=gpu
+                             ftx plan --compare model=llama31_8b trainer=gpu
+                             ftx plan model=llama31_70b method=full plan.budget_gb=24
+
   eval TARGET [overrides]
                         score a run directory or a model directory on the data
                         of its config (or data=..., data.eval_file=...)
@@ -37,7 +45,7 @@ commands:
 Every value of `ftx train --cfg job` can be overridden as key=value.
 """
 
-COMMANDS = ("train", "data", "eval", "generate", "export", "report")
+COMMANDS = ("train", "plan", "data", "eval", "generate", "export", "report")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         run_hydra(train_job, rest, prog="ftx train")
         return
     try:
-        {"data": data, "eval": evaluate, "generate": generate, "export": export, "report": report}[command](rest)
+        commands = {"plan": plan, "data": data, "eval": evaluate, "generate": generate, "export": export}
+        (commands | {"report": report})[command](rest)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"ftx {command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -134,6 +143,44 @@ def data(args: list[str]) -> None:
             print(f"warning: … and {split.truncated - len(split.over_length)} more in {name}")
         if split.untrained:
             print(f"warning: {split.untrained} {name} example(s) have no trained token left after truncation")
+
+
+def plan(args: list[str]) -> None:
+    """Print the planner's prediction for ``ftx train`` with the same overrides."""
+    import json
+
+    options = [a for a in args if a.startswith("--")]
+    overrides = [a for a in args if not a.startswith("--")]
+    unknown = set(options) - {"--compare", "--json"}
+    if unknown:
+        raise ValueError(f"unknown option {sorted(unknown)[0]}; usage: ftx plan [--compare] [--json] [overrides]")
+    from ftx.memory.plan import (
+        METHODS,
+        alternatives,
+        compare_table,
+        describe,
+        method_overrides,
+        plan_overrides,
+        verdict,
+    )
+
+    if "--compare" in options:
+        plans = [plan_overrides(method_overrides(overrides, method)) for method in METHODS]
+        if "--json" in options:
+            print(json.dumps([p.as_dict() for p in plans], indent=2))
+            return
+        print(compare_table(plans))
+        return
+    predicted = plan_overrides(overrides)
+    if "--json" in options:
+        print(json.dumps(predicted.as_dict(), indent=2))
+        return
+    text = describe(predicted)
+    if predicted.fits is False:  # say plainly what would fit instead, and exit 1 for scripts
+        text = text.replace(verdict(predicted), verdict(predicted, alternatives(overrides, predicted)))
+    print(text)
+    if predicted.fits is False:
+        raise SystemExit(1)
 
 
 def evaluate(args: list[str]) -> None:
@@ -224,7 +271,8 @@ def run_hydra(task, args: list[str], prog: str) -> None:
 
 
 def train_job(cfg) -> float | None:
-    """Hydra task for ``ftx train``; returns eval loss for sweepers."""
+    """Hydra task for ``ftx train``; returns eval loss for sweepers (None when the
+    run was pruned over ``plan.budget_gb``)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -240,6 +288,9 @@ def train_job(cfg) -> float | None:
         # A clear message, no traceback: the user fixes a value, not the code.
         print(f"ftx: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if record["status"] == "pruned":
+        print(f"ftx: pruned before loading weights: {record['reason']}", file=sys.stderr)
+        return None
     return record["quality"]["eval_loss"]
 
 

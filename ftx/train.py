@@ -1,9 +1,10 @@
-"""The pipeline for one run: check → data → base → model → score base → fit →
-score result → save → record. Returns the run record (metrics.json's content).
+"""The pipeline for one run: check → data → base → plan → model → score base →
+fit → score result → save → record. Returns the run record (metrics.json's content).
 
 Everything that can be wrong with the config or the data is found before the
 model loads. Whatever happens after the run directory exists, metrics.json says
-how it ended: ``completed``, or ``failed`` with the error.
+how it ended: ``completed``, ``pruned`` (predicted over ``plan.budget_gb``: no
+weights were loaded) or ``failed`` with the error.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 
 from ftx.config import validate
 from ftx.data import load_splits, require_kind
+from ftx.memory.plan import OverBudget
 from ftx.objectives import DATA_KIND
 from ftx.tracking import close_failed_run, write_metrics
 
@@ -47,6 +49,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         require_kind(splits, DATA_KIND[cfg.objective.name], cfg.objective.name, cfg.data.train_file)
         record.update(_fit(cfg, run_dir, splits, callbacks or []))
         record["status"] = "completed"
+    except OverBudget as over:
+        record.update(status="pruned", reason=str(over), memory={"predicted_bytes": over.plan.peak_bytes})
+        log.warning("run %s pruned: %s", run_dir, over)
+        return record
     except BaseException as error:
         record["status"] = "failed"
         record["error"] = f"{type(error).__name__}: {error}"
@@ -86,6 +92,9 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
             cfg.data.max_length,
             train_stats.longest,
         )
+
+    predicted = _predict(cfg, base, _sequence_lengths(train_loader.dataset))
+    import peft  # noqa: F401  (its import, ~70 MB on CPU, is library code: keep it out of the peak)
 
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
     memory.start()  # baseline before weights: the peak counts the model's own memory
@@ -138,7 +147,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     result = {
         "params": params | {"trainable_share": params["trainable"] / params["total"]},
         "quality": quality,
-        "memory": memory.peak() | {"predicted_bytes": None},
+        "memory": memory.peak() | _predicted_record(predicted),
         "throughput": {"tokens_per_s": meter.tokens_per_s, "tokens": meter.tokens},
         "time": {"train_s": train_s},
         "train": {
@@ -152,6 +161,33 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     }
     finish_logger(logger, result, artefact if cfg.logger.log_artifact else None)
     return result
+
+
+def _predict(cfg: DictConfig, base: str, lengths: list[int]):
+    """The planner's prediction (None for an architecture it cannot read, unless a
+    budget needs it); raises OverBudget when over ``plan.budget_gb``."""
+    from ftx.memory.plan import fits_budget
+
+    try:
+        fits, predicted = fits_budget(cfg, base, lengths)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        if cfg.plan.budget_gb is not None:
+            raise
+        log.warning("no memory prediction for this model (%s: %s)", type(error).__name__, error)
+        return None
+    log.info("predicted peak memory %.1f MiB (%s)", predicted.peak_bytes / 2**20, predicted.peak_phase)
+    if not fits:
+        raise OverBudget(predicted)
+    return predicted
+
+
+def _predicted_record(predicted) -> dict[str, Any]:
+    if predicted is None:
+        return {"predicted_bytes": None}
+    return {
+        "predicted_bytes": predicted.peak_bytes,
+        "predicted": {item.key: item.at_peak for item in predicted.items},
+    }
 
 
 def _checkpointing(cfg: DictConfig, run_dir: Path) -> list:
@@ -169,6 +205,16 @@ def _checkpointing(cfg: DictConfig, run_dir: Path) -> list:
             save_last=True,
         )
     ]
+
+
+def _sequence_lengths(dataset) -> list[int]:
+    """Token lengths of the training sequences (both sides of preference pairs).
+    The planner models an SFT step; for pairs (2B sequences a step, and DPO's
+    reference pass) its prediction is a lower bound."""
+    rows = dataset.rows
+    if rows and "chosen" in rows[0]:
+        return [len(row[side]["input_ids"]) for row in rows for side in ("chosen", "rejected")]
+    return [len(row["input_ids"]) for row in rows]
 
 
 def _chosen_side(stats):

@@ -22,18 +22,14 @@ SHIPPED = project_root() / "datasets" / "json_extract"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) with a BPE tokenizer trained on the shipped data."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ftx.models.pretrain import train_tokenizer
+    from ftx.models.pretrain import random_llama
 
     out = tmp_path_factory.mktemp("tiny-llama")
     texts = [line for line in (SHIPPED / "train.jsonl").read_text().splitlines()[:400]]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    import torch
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    random_llama(
+        out,
+        texts,
+        tokenizer_vocab=300,
         hidden_size=64,  # bitsandbytes 4-bit CPU kernels need rows >= blocksize 64
         intermediate_size=128,
         num_hidden_layers=2,
@@ -41,12 +37,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,  # like ftx's own base: the output head is the embedding
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
     return out
 
 

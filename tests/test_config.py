@@ -29,9 +29,21 @@ def test_option_composes_and_validates(group, option, tiny_model_dir, tiny_data,
     if group == "trainer" and option == "gpu":
         pytest.skip("validated for the GPU in test_gpu_trainer_preset")
     cfg = compose_config([*overrides, *PARTNERS.get((group, option), []), f"{group}={option}"])
-    validate(cfg)
+    # Family presets (arch facts, hub id) plan without their weights; training them
+    # needs the weights (test_family_preset_without_weights_fails_early).
+    validate(cfg, check_sources=cfg.model.arch is None)
     resolved = OmegaConf.to_container(cfg[group], resolve=True)  # every interpolation resolves
     assert resolved
+
+
+def test_family_preset_without_weights_fails_early():
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = compose_config(["model=llama31_8b"])
+    if isinstance(try_to_load_from_cache(cfg.model.name_or_path, "config.json"), str):
+        pytest.skip("the weights are in this machine's Hugging Face cache")
+    with pytest.raises(ConfigError, match="model.name_or_path=meta-llama/Llama-3.1-8B: .*local Hugging Face cache"):
+        validate(cfg)
 
 
 def test_gpu_trainer_preset_composes(tiny_model_dir, tiny_data, tmp_path):

@@ -138,14 +138,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict[str, float]:
 
     torch.manual_seed(cfg.seed)
     model_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.seq_len * 4,
-        tie_word_embeddings=cfg.tie_embeddings,
+        **llama_config_kwargs(cfg, len(tokenizer)),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
@@ -196,6 +189,46 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict[str, float]:
     (out_dir / "ftx_pretrain.json").write_text(json.dumps(record, indent=2))
     log.info("pretrained base: loss %.3f in %.0f s -> %s", final, record["train_s"], out_dir)
     return record
+
+
+def llama_config_kwargs(cfg: PretrainConfig, vocab_size: int) -> dict:
+    """The LlamaConfig of ftx's base for these settings (the planner uses it before
+    the base is built, with ``vocab_size`` = the configured one)."""
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads,
+        "max_position_embeddings": cfg.seq_len * 4,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+def random_llama(out_dir: Path, texts: list[str], tokenizer_vocab: int, vocab_size: int | None = None, **shape) -> Path:
+    """A randomly initialised Llama with a BPE tokenizer trained on ``texts``, saved as
+    a Hugging Face directory: the models of tests and benchmarks, built offline.
+
+    ``shape`` is LlamaConfig's (hidden_size, num_hidden_layers, …); the vocabulary is
+    the tokenizer's unless ``vocab_size`` makes it larger. Seeded: same shape, same weights.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, vocab_size=tokenizer_vocab)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
+        **shape,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):

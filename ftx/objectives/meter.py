@@ -29,7 +29,10 @@ class RunMeter(L.Callback):
         mask = batch.get("attention_mask")  # absent in packed (padding-free) batches: no pad tokens
         self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         if trainer.global_step % trainer.log_every_n_steps == 0:
-            module.log("memory.peak_bytes", float(self.memory.peak()["peak_bytes"]))
+            peak = self.memory.peak()
+            module.log("memory.peak_bytes", float(peak["peak_bytes"]))
+            if "reserved_bytes" in peak:  # CUDA: what the caching allocator holds
+                module.log("memory.reserved_bytes", float(peak["reserved_bytes"]))
             module.log("throughput.tokens_per_s", self.tokens_per_s)
 
     @property

@@ -1,5 +1,5 @@
-"""Memory: the measured peak of a run (this module) and, later, the planner's
-prediction, both under the same metric names (memory.peak_bytes,
+"""Memory: the measured peak of a run (this module) and the planner's prediction
+(:mod:`ftx.memory.plan`), both in every run's record (memory.peak_bytes,
 memory.predicted_bytes).
 
 What "peak" means:

@@ -25,8 +25,18 @@ from ftx.tracking import close_failed_run, write_metrics
 log = logging.getLogger(__name__)
 
 
+class RunPruned(Exception):
+    """Raised by a callback (a sweep's pruner) to end a run early on purpose: the
+    record says ``pruned`` with the step reached, and train() returns normally."""
+
+    def __init__(self, step: int, value: float, peak_bytes: float | None) -> None:
+        super().__init__(f"pruned at step {step} (validation value {value:.4g})")
+        self.step, self.peak_bytes = step, peak_bytes
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Run one experiment; ``callbacks`` are extra Lightning callbacks (tests, tools)."""
+    """Run one experiment; ``callbacks`` are extra Lightning callbacks (tests, tools,
+    a sweep's pruning). Raises what failed it, after recording it; a pruned run returns."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
@@ -44,6 +54,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         train_examples, eval_examples = load_splits(cfg)
         record.update(_fit(cfg, run_dir, train_examples, eval_examples, callbacks or []))
         record["status"] = "completed"
+    except RunPruned as pruned:
+        record.update(status="pruned", reason=str(pruned), train={"steps": pruned.step})
+        if pruned.peak_bytes is not None:
+            record["memory"] = {"peak_bytes": int(pruned.peak_bytes)}
+        close_failed_run(exit_code=0)
     except BaseException as error:
         record["status"] = "failed"
         record["error"] = f"{type(error).__name__}: {error}"
@@ -52,7 +67,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         raise
     finally:
         write_metrics(run_dir, record)
-    log.info("run %s completed: %s", run_dir, _summary(record))
+    log.info("run %s %s: %s", run_dir, record["status"], _summary(record))
     return record
 
 

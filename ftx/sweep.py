@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,7 @@ def finished_trials(study: optuna.Study) -> int:
     """Trials that count toward n_trials: ended, and not superseded by a retry."""
     trials = study.get_trials(deepcopy=False)
     retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    retried |= {t.user_attrs.get("retry_of") for t in trials}  # retries after a launcher failure
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     return sum(t.state in done and t.number not in retried for t in trials)
 
@@ -242,6 +244,23 @@ Launch = Callable[[list[list[str]], int], Sequence[Any]]
 def run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str], launch: Launch) -> optuna.Study:
     """Run the study to ``n_trials`` finished trials; ``launch(overrides, first_job_num)``
     is the Hydra launcher's and returns a JobReturn per job."""
+    with _known_optuna_warnings_off():
+        return _run_sweep(settings, config, arguments, launch)
+
+
+@contextlib.contextmanager
+def _known_optuna_warnings_off() -> Iterator[None]:
+    """Heartbeats and their retry callback are marked experimental (since Optuna 2.8),
+    and Optuna warns that heartbeats are meant for optimize(): ask-and-tell with a
+    heartbeat thread per trial is what this module does on purpose. Once per trial
+    these would bury the log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        yield
+
+
+def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str], launch: Launch) -> optuna.Study:
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space = check_settings(settings, arguments)
@@ -266,9 +285,15 @@ def run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str]
             trial.set_user_attr("overrides", [*space.fixed, *params_overrides(trial.params)])
         try:
             returns = _launch_numbered(launch, trials, jobs)
-        except BaseException:
-            # A job that cannot even be composed (a bad value in the space), or an
-            # interrupted sweep: close its trials rather than leave them running.
+        except Exception as error:
+            # The launcher itself failed: a worker was killed (joblib's
+            # TerminatedWorkerError, a preempted SLURM job) or a job could not be
+            # composed. Its trials failed; re-run each with the same parameters.
+            log.error("launcher failed on trials %s: %s: %s", [t.number for t in trials], type(error).__name__, error)
+            for trial in trials:
+                _fail_and_retry(study, trial, f"launcher: {type(error).__name__}: {error}", settings.max_retry)
+            continue
+        except BaseException:  # an interrupted sweep: close its trials rather than leave them running
             for trial in trials:
                 _tell(study, trial, state=TrialState.FAIL)
             raise
@@ -344,6 +369,16 @@ def tell(study: optuna.Study, trial: optuna.Trial, job: Any, settings: DictConfi
     log.info("trial %d: %s", trial.number, _values_text(settings.objectives, values))
 
 
+def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, error: str, max_retry: int) -> None:
+    """Fail a trial whose job was lost, and enqueue its parameters again unless they
+    were already retried ``max_retry`` times (as Optuna's heartbeat retry does)."""
+    trial.set_user_attr("error", error)
+    _tell(study, trial, state=TrialState.FAIL)
+    retries = trial.user_attrs.get("retries", 0)  # the Trial object's attrs: set when it was enqueued
+    if retries < max_retry:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+
+
 def _tell(study: optuna.Study, trial: optuna.Trial, values: Sequence[float] | None = None, **kwargs: Any) -> None:
     # GridSampler.after_trial calls study.stop() once the grid is used up, which Optuna
     # allows only inside optimize(): with ask-and-tell it raises before the trial's state
@@ -417,7 +452,8 @@ def trial_link(cfg: DictConfig, sweeper: DictConfig, sweep_dir: str) -> Iterator
     """Inside a trial's job: yield the Lightning callbacks that report to the study
     (pruning), and beat the trial's heartbeat while the run lasts."""
     url = storage_url(sweeper, sweep_dir)
-    storage = make_storage(sweeper, url)
+    with _known_optuna_warnings_off():
+        storage = make_storage(sweeper, url)
     study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=make_pruner(sweeper))
     trial = optuna.trial.Trial(study, cfg.sweep_trial.trial_id)
     callbacks = []

@@ -194,6 +194,14 @@ def test_resume_adds_only_missing_trials(tmp_path):
     assert f"ftx train method.r={study.best_trial.params['method.r']}" in best
 
 
+def test_a_journal_file_is_a_storage_too(tmp_path):
+    launcher = FakeLauncher(tmp_path)
+    settings, config = fake_settings(tmp_path, storage=f"journal:{tmp_path / 'journal.log'}", n_trials=2)
+    run_sweep(settings, config, [], launcher)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log")))
+    assert len(optuna.load_study(study_name="fake", storage=storage).trials) == 2
+
+
 def test_killed_workers_trial_is_failed_and_retried_with_its_parameters(tmp_path):
     settings, config = fake_settings(tmp_path, n_trials=1)
     study = open_study(settings, tmp_path, check_settings(settings))
@@ -207,6 +215,21 @@ def test_killed_workers_trial_is_failed_and_retried_with_its_parameters(tmp_path
     retry = study.trials[1]
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
     assert retry.params == orphan.params and len(launcher.launched) == 1
+
+
+def test_a_lost_job_is_failed_and_its_parameters_run_again(tmp_path):
+    class KilledOnce(FakeLauncher):
+        def __call__(self, jobs, first):
+            if not self.launched:
+                self.launched.append("killed")
+                raise RuntimeError("A worker process managed by the executor was unexpectedly terminated.")
+            return super().__call__(jobs, first)
+
+    settings, config = fake_settings(tmp_path, n_trials=2)
+    study = run_sweep(settings, config, [], KilledOnce(tmp_path))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "unexpectedly terminated" in study.trials[0].user_attrs["error"]
+    assert study.trials[1].user_attrs["retry_of"] == 0 and study.trials[1].params == study.trials[0].params
 
 
 def test_memory_budget_makes_big_trials_infeasible(tmp_path):

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from ftx.config import ConfigError
+from ftx.config import ConfigError, validate
 from ftx.tracking import flatten
 from ftx.train import RunPruned
 
@@ -262,8 +262,12 @@ def _known_optuna_warnings_off() -> Iterator[None]:
 
 def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str], launch: Launch) -> optuna.Study:
     sweep_dir = Path(config.hydra.sweep.dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     space = check_settings(settings, arguments)
+    # What every trial shares is checked once, before any trial: a wrong value (say
+    # trainer.strategy=ddp, which would re-run the sweep in every rank) stops the
+    # sweep instead of failing each trial.
+    validate(config)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(settings, sweep_dir, space)
     batch_size = settings.n_jobs or launcher_parallelism(config.hydra.launcher)
     log.info(

@@ -16,7 +16,7 @@ import optuna
 import pytest
 from conftest import ftx_cli, tiny_overrides
 from hydra.core.utils import JobStatus
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -133,6 +133,12 @@ def test_several_devices_need_a_spawning_strategy():
     validate(compose_config(["trainer.devices=1"]))
 
 
+def test_a_sweep_with_ddp_is_refused_before_any_trial(tmp_path):
+    out = ftx_cli("sweep", "lora_rank_lr", "trainer.strategy=ddp", "trainer.devices=2", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode != 0 and "ddp_spawn" in out.stderr
+    assert not list(tmp_path.glob("*/metrics.json")) and not (tmp_path / "optuna.db").exists()
+
+
 def test_sweep_list_and_unknown_name():
     out = ftx_cli("sweep", "--list", timeout=120)
     assert out.returncode == 0
@@ -159,7 +165,9 @@ def fake_settings(tmp_path: Path, **change) -> tuple:
         },
         change,
     )
-    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "launcher": {}, "sweeper": settings}})
+    config = compose_config([])  # the default experiment, which the sweeper validates
+    with open_dict(config):
+        config.hydra = {"sweep": {"dir": str(tmp_path)}, "launcher": {}, "sweeper": settings}
     return settings, config
 
 

@@ -182,9 +182,10 @@ def sweep(args: list[str]) -> None:
 
 
 def _summary_line(path) -> str:
-    """The line after a sweep file's commands: what it searches."""
+    """The first sentence of a sweep file's header after its commands: what it searches."""
     comments = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
-    return next((c for c in comments if c and not c.startswith(("ftx ", "@package"))), "")
+    prose = " ".join(c for c in comments if c and not c.startswith(("ftx ", "@package")))
+    return prose.split(". ")[0].rstrip(".") + "."
 
 
 def run_hydra(task, args: list[str], prog: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import threading
 import warnings
@@ -310,12 +311,10 @@ def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str
 def launcher_parallelism(launcher: DictConfig) -> int:
     """Jobs the launcher runs at once: joblib's n_jobs (-1: every CPU), submitit's
     array_parallelism, else 1 (Hydra's basic launcher runs one job at a time)."""
-    import os
-
     for key in ("n_jobs", "array_parallelism"):
         value = OmegaConf.select(launcher, key)
         if isinstance(value, int):
-            return os.cpu_count() or 1 if value < 0 else max(value, 1)
+            return (os.cpu_count() or 1) if value < 0 else max(value, 1)
     return 1
 
 
@@ -343,6 +342,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, job: Any, settings: DictConfi
     """Record how a job ended: its objective values, pruned, or failed with its error."""
     from hydra.core.utils import JobStatus
 
+    trial.set_user_attr("run_dir", str(job.hydra_cfg.hydra.runtime.output_dir))
     if job.status != JobStatus.COMPLETED:
         error = job._return_value  # JobReturn.return_value would re-raise it
         trial.set_user_attr("error", f"{type(error).__name__}: {error}")
@@ -350,7 +350,6 @@ def tell(study: optuna.Study, trial: optuna.Trial, job: Any, settings: DictConfi
         _tell(study, trial, state=TrialState.FAIL)
         return
     record = flatten(job.return_value)
-    trial.set_user_attr("run_dir", str(job.hydra_cfg.hydra.runtime.output_dir))
     peak = record.get("memory.peak_bytes")
     if isinstance(peak, int | float):
         trial.set_user_attr("memory.peak_bytes", peak)

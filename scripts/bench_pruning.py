@@ -2,7 +2,7 @@
 twice on the same seeded search space, once with its median pruner and once without,
 and prints the training steps each spent and the best quality each reached.
 
-    python scripts/bench_pruning.py                       # default: 8 trials x 100 steps per arm, ftx's base
+    python scripts/bench_pruning.py                       # default: 6 trials x 80 steps per arm, on ftx's base
     python scripts/bench_pruning.py --trials 12 --steps 200
     python scripts/bench_pruning.py --quick -- model=hf model.name_or_path=DIR ...   (a smoke run)
 
@@ -59,8 +59,8 @@ def run_arm(name: str, pruned: bool, options: argparse.Namespace, extra: list[st
     study = optuna.load_study(study_name=f"bench-{name}", storage=storage)
     steps = 0
     for trial in study.trials:
-        record = json.loads((Path(trial.user_attrs["run_dir"]) / "metrics.json").read_text())
-        steps += record.get("train", {}).get("steps", 0)
+        metrics = Path(trial.user_attrs["run_dir"]) / "metrics.json"
+        steps += json.loads(metrics.read_text()).get("train", {}).get("steps", 0)  # a failed run has none
     states = [t.state for t in study.trials]
     return {
         "pruner": "median" if pruned else "none",
@@ -74,10 +74,10 @@ def run_arm(name: str, pruned: bool, options: argparse.Namespace, extra: list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=8, help="trials per arm")
-    parser.add_argument("--steps", type=int, default=100, help="trainer.max_steps of a trial")
-    parser.add_argument("--val-every", type=int, default=20, help="trainer.val_check_interval (pruning checks)")
-    parser.add_argument("--startup", type=int, default=3, help="trials before TPE models and before pruning")
+    parser.add_argument("--trials", type=int, default=6, help="trials per arm")
+    parser.add_argument("--steps", type=int, default=80, help="trainer.max_steps of a trial")
+    parser.add_argument("--val-every", type=int, default=10, help="trainer.val_check_interval (pruning checks)")
+    parser.add_argument("--startup", type=int, default=2, help="trials before TPE models and before pruning")
     parser.add_argument("--warmup", type=int, default=20, help="steps before a trial can be pruned")
     parser.add_argument("--seed", type=int, default=0, help="TPE seed, the same in both arms")
     parser.add_argument("--eval-examples", type=int, default=32, help="held-out prompts scored per trial")

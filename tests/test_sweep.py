@@ -6,6 +6,7 @@ give a Pareto front."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -286,6 +287,9 @@ def test_single_objective_sweep_prunes_a_lagging_trial_and_resumes(tiny_model_di
     assert pruned["status"] == "pruned" and pruned["train"]["steps"] < 4  # it really stopped early
     assert not (runs[1] / "adapter").exists()
     assert len(study.trials[0].intermediate_values) == 4  # one value per validation, through the storage
+    with sqlite3.connect(tmp_path / "optuna.db") as db:  # each trial's job beat its heartbeat
+        assert db.execute("select count(distinct trial_id) from trial_heartbeats").fetchone() == (2,)
+    assert "trial 2 done (#1, pruned)" in out.stdout + out.stderr
     best = (tmp_path / "best.txt").read_text()
     assert "ftx train sweep=lora_rank_lr" in best and "optim.lr=0.02" in best
     csv = (tmp_path / "trials.csv").read_text()

@@ -364,15 +364,16 @@ def sweep_files() -> list[Path]:
     return sorted((project_root() / "sweeps").glob("*.yaml"))
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """The config `ftx train <overrides>` would run, composed without Hydra's runner
-    (for commands that read a run, and for tests)."""
+    (for commands that read a run, and for tests); ``with_hydra`` keeps the ``hydra``
+    node (sweeper, launcher)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
 
 
 # ----------------------------------------------------------------- resources & paths

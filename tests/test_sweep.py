@@ -21,7 +21,7 @@ from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from ftx.config import ConfigError, SweeperConfig, compose_config, config_dir, project_root, sweep_files, validate
+from ftx.config import ConfigError, SweeperConfig, compose_config, project_root, sweep_files, validate
 from ftx.sweep import check_settings, open_study, run_sweep, search_space
 
 SWEEPS = [path.stem for path in sweep_files()]
@@ -52,18 +52,7 @@ def record(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("name", SWEEPS)
 def test_shipped_sweep_composes_and_validates(name, tiny_model_dir, tiny_data, tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from ftx.config import register_configs, register_resolvers
-
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[f"sweep={name}", *tiny_overrides(tiny_model_dir, tiny_data, tmp_path)],
-            return_hydra_config=True,
-        )
+    cfg = compose_config([f"sweep={name}", *tiny_overrides(tiny_model_dir, tiny_data, tmp_path)], with_hydra=True)
     assert cfg.hydra.sweeper._target_.endswith("FtxOptunaSweeper")
     assert cfg.hydra.sweeper.study_name == name
     space = check_settings(cfg.hydra.sweeper)  # distributions, sampler and pruner instantiate
@@ -73,10 +62,7 @@ def test_shipped_sweep_composes_and_validates(name, tiny_model_dir, tiny_data, t
 
 
 def test_slurm_launcher_preset_composes():
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    cfg = compose_config(["hydra/launcher=slurm"], with_hydra=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.signal_delay_s) == (1, 120)
 

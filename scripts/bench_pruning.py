@@ -3,6 +3,7 @@ twice on the same seeded search space, once with its median pruner and once with
 and prints the training steps each spent and the best quality (held-out loss) each reached.
 
     python scripts/bench_pruning.py                       # default: 4 trials x 30 steps per arm, on ftx's base
+    python scripts/bench_pruning.py --small-base           # a 2-layer, hidden-64 ftx base: ~10x cheaper steps
     python scripts/bench_pruning.py --trials 12 --steps 200
     python scripts/bench_pruning.py --quick -- model=hf model.name_or_path=DIR ...   (a smoke run)
 
@@ -22,6 +23,17 @@ import time
 from pathlib import Path
 
 import optuna
+
+# A smaller ftx-built base (model/pydoc_tiny.yaml's pretraining, scaled down): built
+# once and cached like the default one.
+SMALL_BASE = [
+    "model.pretrain.hidden_size=64",
+    "model.pretrain.intermediate_size=128",
+    "model.pretrain.num_layers=2",
+    "model.pretrain.num_heads=2",
+    "model.pretrain.vocab_size=512",
+    "model.pretrain.steps=200",
+]
 
 
 def run_arm(name: str, pruned: bool, options: argparse.Namespace, extra: list[str]) -> dict:
@@ -86,6 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="TPE seed, the same in both arms")
     parser.add_argument("--batch-size", type=int, default=8, help="trainer.batch_size")
     parser.add_argument("--out", default="multirun/bench_pruning", help="where both sweeps are written")
+    parser.add_argument("--small-base", action="store_true", help="pretrain and use a 2-layer, hidden-64 ftx base")
     parser.add_argument("--quick", action="store_true", help="3 trials of 4 steps, eval loss: a smoke run")
     parser.add_argument("overrides", nargs="*", help="after --: extra overrides for every trial")
     options = parser.parse_args()
@@ -93,7 +106,8 @@ def main() -> None:
         options.trials, options.steps, options.val_every, options.startup, options.warmup = 3, 4, 1, 1, 0
         options.batch_size = 4
     key = "quality.eval_loss"
-    rows = [run_arm(name, pruned, options, options.overrides) for name, pruned in (("pruned", True), ("full", False))]
+    extra = [*(SMALL_BASE if options.small_base else []), *options.overrides]
+    rows = [run_arm(name, pruned, options, extra) for name, pruned in (("pruned", True), ("full", False))]
     print(f"\n| pruner | trials | pruned | training steps | best {key} | wall time |")
     print("|---|---|---|---|---|---|")
     for row in rows:

@@ -25,5 +25,5 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check ftx tests scripts
-	$(BIN)/ruff format --check ftx tests scripts
+	$(BIN)/ruff check ftx tests scripts hydra_plugins
+	$(BIN)/ruff format --check ftx tests scripts hydra_plugins

@@ -24,6 +24,12 @@ commands:
                              ftx plan --compare model=llama31_8b trainer=gpu
                              ftx plan model=llama31_70b method=full plan.budget_gb=24
 
+  sweep NAME [overrides]
+                        an Optuna study over sweeps/NAME.yaml as a Hydra multirun
+                        (= ftx train -m sweep=NAME); resumes when run again
+                        e.g. ftx sweep lora_rank_lr hydra.sweeper.n_trials=40
+                             ftx sweep quality_vs_vram hydra/launcher=joblib hydra.launcher.n_jobs=2
+                             ftx sweep --list
   eval TARGET [overrides]
                         score a run directory or a model directory on the data
                         of its config (or data=..., data.eval_file=...)
@@ -45,7 +51,7 @@ commands:
 Every value of `ftx train --cfg job` can be overridden as key=value.
 """
 
-COMMANDS = ("train", "plan", "data", "eval", "generate", "export", "report")
+COMMANDS = ("train", "sweep", "plan", "data", "eval", "generate", "export", "report")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if command == "train":
         run_hydra(train_job, rest, prog="ftx train")
+        return
+    if command == "sweep":
+        sweep(rest)
         return
     try:
         commands = {"plan": plan, "data": data, "eval": evaluate, "generate": generate, "export": export}
@@ -258,6 +267,29 @@ def report(args: list[str]) -> None:
     print(f"\nwrote {out_dir / 'report.md'}, {out_dir / 'trials.csv'}, {out_dir / 'pareto.png'}")
 
 
+def sweep(args: list[str]) -> None:
+    """``ftx sweep NAME [overrides]`` is ``ftx train -m sweep=NAME [overrides]``."""
+    from ftx.config import sweep_files
+
+    names = {path.stem: path for path in sweep_files()}
+    if not args or args[0] in ("-h", "--help", "--list"):
+        print("sweeps (sweeps/NAME.yaml; ftx sweep NAME [overrides]):")
+        for name, path in names.items():
+            print(f"  {name:20s} {_summary_line(path)}")
+        return
+    if args[0] not in names:
+        print(f"ftx sweep: no sweep {args[0]!r}; choose from: {', '.join(names)}", file=sys.stderr)
+        raise SystemExit(2)
+    run_hydra(train_job, ["-m", f"sweep={args[0]}", *args[1:]], prog="ftx sweep")
+
+
+def _summary_line(path) -> str:
+    """The first sentence of a sweep file's header after its commands: what it searches."""
+    comments = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    prose = " ".join(c for c in comments if c and not c.startswith(("ftx ", "@package")))
+    return prose.split(". ")[0].rstrip(".") + "."
+
+
 def run_hydra(task, args: list[str], prog: str) -> None:
     """Run ``task`` as a Hydra app over ftx's config tree with ``args`` as overrides."""
     import hydra
@@ -270,9 +302,9 @@ def run_hydra(task, args: list[str], prog: str) -> None:
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)()
 
 
-def train_job(cfg) -> float | None:
-    """Hydra task for ``ftx train``; returns eval loss for sweepers (None when the
-    run was pruned over ``plan.budget_gb``)."""
+def train_job(cfg) -> dict:
+    """Hydra task for ``ftx train``; returns the run record (ftx's sweeper reads its
+    objectives from it). A trial of ftx's sweeper also reports to its study."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -281,7 +313,14 @@ def train_job(cfg) -> float | None:
     from ftx.train import train
 
     try:
-        record = train(cfg)
+        if cfg.sweep_trial.trial_id is None:
+            record = train(cfg)
+        else:
+            from ftx.sweep import trial_link
+
+            hydra_cfg = HydraConfig.get()
+            with trial_link(cfg, hydra_cfg.sweeper, hydra_cfg.sweep.dir) as callbacks:
+                record = train(cfg, callbacks)
     except (ConfigError, DataError) as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
@@ -289,9 +328,8 @@ def train_job(cfg) -> float | None:
         print(f"ftx: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     if record["status"] == "pruned":
-        print(f"ftx: pruned before loading weights: {record['reason']}", file=sys.stderr)
-        return None
-    return record["quality"]["eval_loss"]
+        print(f"ftx: pruned: {record['reason']}", file=sys.stderr)
+    return record
 
 
 if __name__ == "__main__":

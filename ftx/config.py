@@ -330,6 +330,64 @@ class PlanConfig:
     """Hosted fine-tuning prices, USD per 1M training tokens, keyed by provider/offer."""
 
 
+class SweepTrialConfig:
+    """Set by ftx's Optuna sweeper on each trial it launches (null outside a sweep), so
+    the run, in whatever process the launcher starts it, can find its trial in the
+    study's storage: report validation loss, be pruned, send heartbeats."""
+
+    number: int | None = None
+    """The trial's number within its study (run directory prefix, report column)."""
+    trial_id: int | None = None
+    """The trial's id in the Optuna storage."""
+
+
+@dataclass
+class SweeperConfig:
+    """ftx's Optuna sweeper, ``hydra/sweeper=ftx_optuna`` (sweeps/*.yaml fill it in).
+
+    Lives under ``hydra.sweeper``; the plugin in hydra_plugins/ftx_optuna_sweeper
+    registers it, ftx/sweep.py does the work."""
+
+    _target_: str = "hydra_plugins.ftx_optuna_sweeper.FtxOptunaSweeper"
+    _recursive_: bool = False  # sampler and pruner are built when a sweep runs, not when Hydra starts
+    study_name: str = "ftx"
+    """Optuna study; running again with the same name and storage resumes it."""
+    storage: str | None = None
+    """Optuna storage: an RDB URL (sqlite:///…, postgresql://…, mysql+pymysql://…) or
+    journal:PATH (a journal file, no heartbeat); null = sqlite:///SWEEP_DIR/optuna.db."""
+    n_trials: int = 20
+    """Finished trials the study should hold: those of earlier runs count, so a re-run
+    only adds what is missing."""
+    n_jobs: int | None = None
+    """Trials asked and launched together; null = the launcher's parallelism
+    (hydra.launcher.n_jobs for joblib, array_parallelism for submitit, else 1)."""
+    objectives: list[str] = field(default_factory=lambda: ["quality.eval_loss"])
+    """Dotted metrics.json keys the study optimizes; two or more give a Pareto front."""
+    directions: list[str] = field(default_factory=lambda: ["minimize"])
+    """maximize or minimize, one per objective."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Search space, key: Hydra override grammar: choice(4,8,16), range(1,9,2),
+    interval(1e-4,1e-2), tag(log, interval(...)), int(interval(...)); a plain value fixes it."""
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    """Parameter sets tried first (e.g. the defaults), once per study."""
+    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler"})
+    """Any Optuna sampler as a _target_ node; GridSampler gets its grid from params."""
+    pruner: Any = None
+    """An Optuna pruner as a _target_ node (one objective only); null = never prune."""
+    prune_on: str = "val.loss"
+    """Validation metric reported at every validation for pruning (lower is better;
+    negated in a maximize study so that higher is better, like the objective)."""
+    memory_budget_mib: float | None = None
+    """Trials whose memory.peak_bytes exceed this are infeasible (an Optuna constraint):
+    the way to bound memory in a single-objective, pruned study."""
+    heartbeat_interval: int = 60
+    """Seconds between a running trial's heartbeats (RDB storages)."""
+    grace_period: int | None = None
+    """Seconds without a heartbeat before a trial counts as killed; null = 2 x interval."""
+    max_retry: int = 2
+    """Times a killed trial is re-run with the same parameters."""
+
+
 @dataclass
 class Config:
     """One ftx experiment."""
@@ -348,32 +406,47 @@ class Config:
     """Seeds torch, numpy and Python (model init of adapters, data order, dropout)."""
     run_name: str = "${model.name}-${method.name}-${quant.name}"
     """Human-readable run name (loggers, reports)."""
+    sweep_trial: SweepTrialConfig = field(default_factory=SweepTrialConfig)
+    """Filled in by ftx's sweeper for the trial being run; null fields otherwise."""
 
 
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore as ``ftx_schema`` (config.yaml extends it)."""
+    """Put the schema in Hydra's ConfigStore as ``ftx_schema`` (config.yaml extends it),
+    and every sweeps/NAME.yaml as option NAME of the group ``sweep``."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="ftx_schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="ftx_schema", node=Config)
+    # sweeps/ stays a top-level folder (it is not a part of the experiment tree), so its
+    # files join the config tree here rather than through a search path, which would
+    # make every folder beside them a config group.
+    for path in sweep_files():
+        store.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def sweep_files() -> list[Path]:
+    """The shipped sweep specs, sweeps/*.yaml."""
+    return sorted((project_root() / "sweeps").glob("*.yaml"))
+
+
+def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """The config `ftx train <overrides>` would run, composed without Hydra's runner
-    (for commands that read a run, and for tests)."""
+    (for commands that read a run, and for tests); ``with_hydra`` keeps the ``hydra``
+    node (sweeper, launcher)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
 
 
 # ----------------------------------------------------------------- resources & paths
 
 
 def project_root() -> Path:
-    """Where conf/ and datasets/ live: inside the package when installed from a
-    wheel (they are force-included as ftx/conf, ftx/datasets), else the checkout."""
+    """Where conf/, sweeps/ and datasets/ live: inside the package when installed from
+    a wheel (they are force-included as ftx/conf, ftx/sweeps, ftx/datasets), else the checkout."""
     package = Path(__file__).resolve().parent
     return package if (package / "conf").is_dir() else package.parent
 
@@ -513,6 +586,14 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
             f"trainer.strategy={trainer.strategy} relaunches the command line and breaks "
             "Hydra runs; use trainer.strategy=ddp_spawn or ddp_fork, or launch with torchrun."
         )
+    if trainer.strategy == "auto" and _several_devices(trainer.devices, trainer.accelerator):
+        # With several devices Lightning's `auto` picks `ddp`: the same relaunch, and in a
+        # sweep every rank re-runs the sweep (a 2-trial study wrote 4 trials).
+        raise ConfigError(
+            f"trainer.devices={trainer.devices} with trainer.strategy=auto selects Lightning's ddp, which "
+            "relaunches the command line and re-runs a sweep in every rank; set trainer.strategy=ddp_spawn "
+            "or ddp_fork, or run one device per trial (trainer.devices=1) and parallelize trials with a launcher."
+        )
 
     model = cfg.model
     if (model.name_or_path is None) == (model.pretrain is None):
@@ -550,6 +631,19 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".ndjson")
+
+
+def _several_devices(devices: Any, accelerator: str) -> bool:
+    if isinstance(devices, int):
+        return devices > 1 or devices == -1 and accelerator != "cpu"
+    if isinstance(devices, str):
+        # "2", "0,1", "auto" / "-1" (all visible accelerators; a CPU counts as one)
+        if devices.strip() in ("auto", "-1"):
+            return accelerator != "cpu"
+        parts = [p for p in devices.split(",") if p.strip()]
+        return len(parts) > 1 or len(parts) == 1 and "," not in devices and int(parts[0]) > 1
+    return len(devices) > 1  # a list of device indices
+
 
 BUILTIN_METRICS = ("exact_match", "contains", "json_valid", "json_fields", "json_schema", "regex")
 

@@ -29,8 +29,18 @@ from ftx.tracking import close_failed_run, write_metrics
 log = logging.getLogger(__name__)
 
 
+class RunPruned(Exception):
+    """Raised by a callback (a sweep's pruner) to end a run early on purpose: the
+    record says ``pruned`` with the step reached, and train() returns normally."""
+
+    def __init__(self, step: int, value: float, peak_bytes: float | None) -> None:
+        super().__init__(f"pruned at step {step} (validation value {value:.4g})")
+        self.step, self.peak_bytes = step, peak_bytes
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Run one experiment; ``callbacks`` are extra Lightning callbacks (tests, tools)."""
+    """Run one experiment; ``callbacks`` are extra Lightning callbacks (tests, tools,
+    a sweep's pruning). Raises what failed it, after recording it; a pruned run returns."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
@@ -53,6 +63,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         record.update(status="pruned", reason=str(over), memory={"predicted_bytes": over.plan.peak_bytes})
         log.warning("run %s pruned: %s", run_dir, over)
         return record
+    except RunPruned as pruned:
+        record.update(status="pruned", reason=str(pruned), train={"steps": pruned.step})
+        if pruned.peak_bytes is not None:
+            record["memory"] = {"peak_bytes": int(pruned.peak_bytes)}
+        close_failed_run(exit_code=0)
     except BaseException as error:
         record["status"] = "failed"
         record["error"] = f"{type(error).__name__}: {error}"
@@ -61,7 +76,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         raise
     finally:
         write_metrics(run_dir, record)
-    log.info("run %s completed: %s", run_dir, _summary(record))
+    log.info("run %s %s: %s", run_dir, record["status"], _summary(record))
     return record
 
 

@@ -118,10 +118,11 @@ def finish_logger(logger: Any, record: dict[str, Any], artefact: Path | None = N
         run.finish()
 
 
-def close_failed_run() -> None:
-    """Mark an open W&B run failed (exit code 1) so the next multirun job starts its own."""
+def close_failed_run(exit_code: int = 1) -> None:
+    """Finish an open W&B run that ended early (exit code 1: failed; 0: pruned, which
+    is no failure) so the next multirun job starts its own."""
     import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1)
+        wandb.finish(exit_code=exit_code)

@@ -31,6 +31,8 @@ class MultirunReport(Callback):
             return
         self.finished += 1
         status = job_return.status.name.lower()
+        if status == "completed" and isinstance(job_return.return_value, dict):
+            status = job_return.return_value["status"]  # the run record's: a sweep's trial may be pruned
         log.info("trial %d done (#%s, %s): %s", self.finished, HydraConfig.get().job.num, status, config.run_name)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -32,8 +32,9 @@ COLUMNS = (
     "memory.predicted_bytes",
     "params.trainable",
     "throughput.tokens_per_s",
+    "sweep_trial.number",  # the Optuna trial, in a sweep by ftx's sweeper
 )
-_CONFIG_COLUMNS = ("method.r", "method.adapter", "optim.lr")
+_CONFIG_COLUMNS = ("method.r", "method.adapter", "optim.lr", "sweep_trial.number")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,509 @@
+"""Optuna studies as Hydra multiruns: ftx's own integration on current Optuna (>= 4).
+
+The released hydra-optuna-sweeper pins optuna<3, so ftx does the same job here and
+keeps the Hydra plugin (hydra_plugins/ftx_optuna_sweeper) a thin adapter:
+
+- the sweeper side (:func:`run_sweep`): parse the search space from Hydra's override
+  grammar into Optuna distributions, open (or resume) the study in its storage, ask
+  trials in batches of the launcher's parallelism, launch them as Hydra jobs, and
+  tell the study how each ended (complete, pruned, failed with its error);
+- the trial side (:func:`trial_link`), in whatever process the launcher runs the job:
+  reload the trial from the shared storage, report validation loss at every
+  validation so the pruner can stop it (across processes: the intermediate values
+  of every trial live in the storage), and send heartbeats so that a killed
+  worker's trial is failed and re-run (Optuna's RetryHeartbeatStaleTrialCallback).
+
+Optuna does not prune multi-objective studies (``Trial.report`` is single-objective),
+so a memory bound on a pruned study is a constraint (``memory_budget_mib``, set with
+``Trial.set_constraint``, Optuna 5's replacement for samplers' constraints_func), not
+a second objective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from ftx.config import ConfigError, validate
+from ftx.tracking import flatten
+from ftx.train import RunPruned
+
+log = logging.getLogger(__name__)
+
+STORAGE_FILE = "optuna.db"
+BEST_FILES = ("best.txt", "best.yaml")
+# Trial-side overrides the sweeper adds to each job; not part of a re-run command.
+_TRIAL_KEYS = ("sweep_trial.number", "sweep_trial.trial_id")
+
+# ------------------------------------------------------------------- search space
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Optuna distributions by config key, and the fixed overrides every trial gets."""
+
+    distributions: dict[str, BaseDistribution]
+    fixed: list[str]
+
+
+def search_space(params: DictConfig, arguments: Sequence[str] = ()) -> SearchSpace:
+    """``hydra.sweeper.params`` plus the command line's overrides (a sweep there, e.g.
+    ``method=lora,qlora`` or ``method.r='choice(4,8)'``, joins the space; a plain value
+    is fixed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    # Keys set from the command line (hydra.sweeper.params.method.r=...) arrive nested.
+    flat = flatten(OmegaConf.to_container(params))
+    overrides = parser.parse_overrides([f"{key}={value}" for key, value in flat.items()])
+    overrides += parser.parse_overrides(list(arguments))
+    # Later wins: a command-line value for a key of the spec fixes it, a command-line
+    # sweep replaces its range.
+    distributions: dict[str, BaseDistribution] = {}
+    fixed: dict[str, str] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        distributions.pop(key, None)
+        fixed.pop(key, None)
+        if override.is_sweep_override():
+            distributions[key] = distribution_of(override)
+        else:
+            fixed[key] = override.input_line
+    return SearchSpace(distributions, list(fixed.values()))
+
+
+def distribution_of(override: Any) -> BaseDistribution:
+    """One sweep override → an Optuna distribution, after hydra-optuna-sweeper's
+    mapping (plugins/hydra_optuna_sweeper/_impl.py) but with range's end exclusive,
+    as Hydra defines it:
+
+    choice(a, b) and a,b → categorical; range(1, 9, 2) → int (float if any bound is);
+    interval(lo, hi) → float, int(interval(...)) → int; tag(log, ...) → log scale.
+    """
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    value = override.value()
+    key = override.get_key_element()
+    if isinstance(value, ChoiceSweep) or isinstance(value, RangeSweep) and value.shuffle:
+        return CategoricalDistribution(list(override.sweep_iterator()))
+    log_scale = "log" in value.tags
+    if isinstance(value, RangeSweep):
+        values = list(override.sweep_iterator())
+        if not values:
+            raise ConfigError(f"{key}: {override.input_line} is empty.")
+        if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
+            return IntDistribution(values[0], values[-1], step=value.step, log=log_scale and value.step == 1)
+        return FloatDistribution(values[0], value.start + value.step * (len(values) - 1), step=value.step)
+    if isinstance(value, IntervalSweep):
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(value.start, value.end, log=log_scale)
+    raise ConfigError(f"{key}: {override.input_line} is not a sweep Optuna can sample (choice, range, interval).")
+
+
+def override_of(key: str, value: Any) -> str:
+    """``key=value`` in Hydra's grammar (strings quoted when they need it)."""
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, str) and not re.fullmatch(r"[\w.\-/:+@]+", value):
+        text = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    else:
+        text = str(value)
+    return f"{key}={text}"
+
+
+# ------------------------------------------------------------------- study & storage
+
+
+def storage_url(settings: DictConfig, sweep_dir: str | Path) -> str:
+    """The storage the sweeper and every trial share: the configured URL, else an
+    SQLite file in the sweep directory (absolute: trials may run elsewhere)."""
+    if settings.storage:
+        return settings.storage
+    return f"sqlite:///{(Path(sweep_dir) / STORAGE_FILE).resolve()}"
+
+
+def make_storage(settings: DictConfig, url: str, retry: bool = False) -> optuna.storages.BaseStorage:
+    """RDB storage with heartbeats (``retry``: failing stale trials re-runs them), or a
+    journal file for ``journal:PATH`` (no heartbeat: a killed trial stays running)."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    engine_kwargs = {}
+    if url.startswith("sqlite"):
+        # Parallel trials write intermediate values and heartbeats while the sweeper
+        # asks and tells: wait for SQLite's lock instead of failing after 5 s.
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry) if retry else None
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=settings.heartbeat_interval,
+        grace_period=settings.grace_period,
+        heartbeat_stale_trial_callback=callback,
+    )
+
+
+def check_settings(settings: DictConfig, arguments: Sequence[str] = ()) -> SearchSpace:
+    """Everything about a sweep spec that can be wrong, found before any trial runs;
+    returns the search space of the spec and the command line's ``arguments``."""
+    objectives, directions = list(settings.objectives), list(settings.directions)
+    if not objectives or len(objectives) != len(directions):
+        raise ConfigError(
+            f"hydra.sweeper.objectives={objectives} and hydra.sweeper.directions={directions}: "
+            "give one direction (maximize or minimize) per objective."
+        )
+    if set(directions) - {"maximize", "minimize"}:
+        raise ConfigError(f"hydra.sweeper.directions={directions}: each must be maximize or minimize.")
+    if len(objectives) > 1 and settings.pruner is not None:
+        raise ConfigError(
+            "Optuna does not prune multi-objective studies (Trial.report takes one value). "
+            "Drop hydra.sweeper.pruner, or optimize one objective and bound memory with "
+            "hydra.sweeper.memory_budget_mib."
+        )
+    if settings.n_trials < 1:
+        raise ConfigError(f"hydra.sweeper.n_trials={settings.n_trials} must be >= 1.")
+    space = search_space(settings.params, arguments)
+    if not space.distributions:
+        raise ConfigError("Nothing to search: give hydra.sweeper.params, or a sweep such as 'method.r=choice(4,16)'.")
+    make_sampler(settings, space)
+    make_pruner(settings)
+    return space
+
+
+def make_sampler(settings: DictConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    from hydra.utils import get_class, instantiate
+
+    kwargs: dict[str, Any] = {}
+    sampler_class = get_class(settings.sampler._target_)
+    if issubclass(sampler_class, optuna.samplers.GridSampler) and "search_space" not in settings.sampler:
+        not_discrete = [k for k, d in space.distributions.items() if not isinstance(d, CategoricalDistribution)]
+        if not_discrete:
+            raise ConfigError(f"GridSampler needs choice(...) for every parameter; not for: {', '.join(not_discrete)}.")
+        kwargs["search_space"] = {k: list(d.choices) for k, d in space.distributions.items()}
+    try:
+        return instantiate(settings.sampler, **kwargs)
+    except Exception as error:  # Hydra wraps the TypeError of a wrong argument
+        raise ConfigError(f"hydra.sweeper.sampler: {error}") from None
+
+
+def make_pruner(settings: DictConfig) -> optuna.pruners.BasePruner:
+    from hydra.utils import instantiate
+
+    return optuna.pruners.NopPruner() if settings.pruner is None else instantiate(settings.pruner)
+
+
+def open_study(settings: DictConfig, sweep_dir: str | Path, space: SearchSpace) -> optuna.Study:
+    """Create the study, or load it when it exists: a re-run resumes it."""
+    url = storage_url(settings, sweep_dir)
+    study = optuna.create_study(
+        study_name=settings.study_name,
+        storage=make_storage(settings, url, retry=True),
+        sampler=make_sampler(settings, space),
+        pruner=make_pruner(settings),
+        directions=list(settings.directions),
+        load_if_exists=True,
+    )
+    for params in settings.enqueue:
+        study.enqueue_trial(OmegaConf.to_container(params), skip_if_exists=True)
+    return study
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that count toward n_trials: ended, and not superseded by a retry."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    retried |= {t.user_attrs.get("retry_of") for t in trials}  # retries after a launcher failure
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(t.state in done and t.number not in retried for t in trials)
+
+
+# ------------------------------------------------------------------------- sweeper
+
+
+Launch = Callable[[list[list[str]], int], Sequence[Any]]
+
+
+def run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str], launch: Launch) -> optuna.Study:
+    """Run the study to ``n_trials`` finished trials; ``launch(overrides, first_job_num)``
+    is the Hydra launcher's and returns a JobReturn per job."""
+    with _known_optuna_warnings_off():
+        return _run_sweep(settings, config, arguments, launch)
+
+
+@contextlib.contextmanager
+def _known_optuna_warnings_off() -> Iterator[None]:
+    """Heartbeats and their retry callback are marked experimental (since Optuna 2.8),
+    and Optuna warns that heartbeats are meant for optimize(): ask-and-tell with a
+    heartbeat thread per trial is what this module does on purpose. Once per trial
+    these would bury the log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        yield
+
+
+def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str], launch: Launch) -> optuna.Study:
+    sweep_dir = Path(config.hydra.sweep.dir)
+    space = check_settings(settings, arguments)
+    # What every trial shares is checked once, before any trial: a wrong value (say
+    # trainer.strategy=ddp, which would re-run the sweep in every rank) stops the
+    # sweep instead of failing each trial.
+    validate(config)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(settings, sweep_dir, space)
+    batch_size = settings.n_jobs or launcher_parallelism(config.hydra.launcher)
+    log.info(
+        "study %s in %s: %d of %d trials done; %d at a time",
+        settings.study_name,
+        storage_url(settings, sweep_dir),
+        finished_trials(study),
+        settings.n_trials,
+        batch_size,
+    )
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trials: failed, then retried
+        to_go = settings.n_trials - finished_trials(study)
+        if to_go <= 0:
+            break
+        trials = [study.ask(space.distributions) for _ in range(min(batch_size, to_go))]
+        jobs = [[*space.fixed, *trial_overrides(trial)] for trial in trials]
+        for trial in trials:
+            trial.set_user_attr("overrides", [*space.fixed, *params_overrides(trial.params)])
+        try:
+            returns = _launch_numbered(launch, trials, jobs)
+        except Exception as error:
+            # The launcher itself failed: a worker was killed (joblib's
+            # TerminatedWorkerError, a preempted SLURM job) or a job could not be
+            # composed. Its trials failed; re-run each with the same parameters.
+            log.error("launcher failed on trials %s: %s: %s", [t.number for t in trials], type(error).__name__, error)
+            for trial in trials:
+                _fail_and_retry(study, trial, f"launcher: {type(error).__name__}: {error}", settings.max_retry)
+            continue
+        except BaseException:  # an interrupted sweep: close its trials rather than leave them running
+            for trial in trials:
+                _tell(study, trial, state=TrialState.FAIL)
+            raise
+        for trial, job in zip(trials, returns, strict=True):
+            tell(study, trial, job, settings)
+    write_best(study, sweep_dir, config)
+    return study
+
+
+def launcher_parallelism(launcher: DictConfig) -> int:
+    """Jobs the launcher runs at once: joblib's n_jobs (-1: every CPU), submitit's
+    array_parallelism, else 1 (Hydra's basic launcher runs one job at a time)."""
+    for key in ("n_jobs", "array_parallelism"):
+        value = OmegaConf.select(launcher, key)
+        if isinstance(value, int):
+            return (os.cpu_count() or 1) if value < 0 else max(value, 1)
+    return 1
+
+
+def _launch_numbered(launch: Launch, trials: list[optuna.Trial], jobs: list[list[str]]) -> list[Any]:
+    """Launch so that each job's number (hydra.job.num, its directory's prefix) is its
+    trial's number: in one batch when they are consecutive, else one by one (another
+    sweeper on the same study took the numbers between)."""
+    numbers = [t.number for t in trials]
+    if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return list(launch(jobs, numbers[0]))
+    return [launch([job], number)[0] for job, number in zip(jobs, numbers, strict=True)]
+
+
+def params_overrides(params: dict[str, Any]) -> list[str]:
+    return [override_of(key, value) for key, value in params.items()]
+
+
+def trial_overrides(trial: optuna.Trial) -> list[str]:
+    """A trial's parameters, and where the job finds the trial (SweepTrialConfig)."""
+    ids = (trial.number, trial._trial_id)  # the storage id: Optuna has no public accessor on Trial
+    return [*params_overrides(trial.params), *(f"{k}={v}" for k, v in zip(_TRIAL_KEYS, ids, strict=True))]
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, job: Any, settings: DictConfig) -> None:
+    """Record how a job ended: its objective values, pruned, or failed with its error."""
+    from hydra.core.utils import JobStatus
+
+    trial.set_user_attr("run_dir", str(job.hydra_cfg.hydra.runtime.output_dir))
+    if job.status != JobStatus.COMPLETED:
+        error = job._return_value  # JobReturn.return_value would re-raise it
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+        log.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
+        _tell(study, trial, state=TrialState.FAIL)
+        return
+    record = flatten(job.return_value)
+    peak = record.get("memory.peak_bytes")
+    if isinstance(peak, int | float):
+        trial.set_user_attr("memory.peak_bytes", peak)
+        if settings.memory_budget_mib is not None:
+            # Feasible when <= 0: samplers that model constraints (TPE, NSGA-II, GP) steer
+            # away from infeasible regions, and best_trial only picks feasible trials.
+            trial.set_constraint("memory_excess_bytes", peak - settings.memory_budget_mib * 2**20)
+    if record["status"] == "pruned":
+        _tell(study, trial, state=TrialState.PRUNED)
+        log.info("trial %d pruned at step %s", trial.number, record.get("train.steps"))
+        return
+    values = [record.get(key) for key in settings.objectives]
+    missing = [k for k, v in zip(settings.objectives, values, strict=True) if not _finite(v)]
+    if missing:
+        trial.set_user_attr("error", f"no finite {', '.join(missing)} in the run record")
+        log.warning("trial %d failed: no finite %s in its record", trial.number, ", ".join(missing))
+        _tell(study, trial, state=TrialState.FAIL)
+        return
+    _tell(study, trial, values)
+    log.info("trial %d: %s", trial.number, _values_text(settings.objectives, values))
+
+
+def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, error: str, max_retry: int) -> None:
+    """Fail a trial whose job was lost, and enqueue its parameters again unless they
+    were already retried ``max_retry`` times (as Optuna's heartbeat retry does)."""
+    trial.set_user_attr("error", error)
+    _tell(study, trial, state=TrialState.FAIL)
+    retries = trial.user_attrs.get("retries", 0)  # the Trial object's attrs: set when it was enqueued
+    if retries < max_retry:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, values: Sequence[float] | None = None, **kwargs: Any) -> None:
+    # GridSampler.after_trial calls study.stop() once the grid is used up, which Optuna
+    # allows only inside optimize(): with ask-and-tell it raises before the trial's state
+    # is stored. Let it set its flag; this loop stops on n_trials anyway.
+    study._thread_local.in_optimize_loop = True
+    try:
+        study.tell(trial, values, **kwargs)
+    finally:
+        study._thread_local.in_optimize_loop = False
+        study._stop_flag = False
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _values_text(keys: Sequence[str], values: Sequence[float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in zip(keys, values, strict=True))
+
+
+# ---------------------------------------------------------------------- best trials
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial of one objective (feasible under the memory budget), or the Pareto front."""
+    if len(study.directions) > 1:
+        return sorted(study.best_trials, key=lambda t: t.number)
+    try:
+        return [study.best_trial]
+    except ValueError:  # nothing completed, or nothing feasible
+        return []
+
+
+def rerun_command(trial: FrozenTrial, config: DictConfig) -> str:
+    """The ``ftx train`` command line that re-runs a trial on its own."""
+    sweep = OmegaConf.select(config, "hydra.runtime.choices.sweep")
+    selection = [] if sweep in (None, "null") else [f"sweep={sweep}"]
+    return " ".join(["ftx train", *selection, *trial.user_attrs["overrides"]])
+
+
+def write_best(study: optuna.Study, sweep_dir: Path, config: DictConfig) -> list[FrozenTrial]:
+    """Print the best trial(s) and write them to best.txt (commands) and best.yaml."""
+    best = best_trials(study)
+    keys = list(config.hydra.sweeper.objectives)
+    lines, entries = [], []
+    for trial in best:
+        command = rerun_command(trial, config)
+        lines += [f"# trial {trial.number}: {_values_text(keys, trial.values)}", command]
+        entries.append(
+            {
+                "number": trial.number,
+                "values": dict(zip(keys, trial.values, strict=True)),
+                "params": trial.params,
+                "run_dir": trial.user_attrs.get("run_dir"),
+                "command": command,
+            }
+        )
+    title = "Pareto front" if len(keys) > 1 else "best trial"
+    text = "\n".join(lines) if lines else "# no completed trial"
+    (sweep_dir / "best.txt").write_text(text + "\n")
+    OmegaConf.save(OmegaConf.create({"study": study.study_name, "best": entries}), sweep_dir / "best.yaml")
+    log.info("%s of study %s (%s):\n%s", title, study.study_name, sweep_dir / "best.txt", text)
+    return best
+
+
+# ---------------------------------------------------------------------- trial side
+
+
+@contextlib.contextmanager
+def trial_link(cfg: DictConfig, sweeper: DictConfig, sweep_dir: str) -> Iterator[list]:
+    """Inside a trial's job: yield the Lightning callbacks that report to the study
+    (pruning), and beat the trial's heartbeat while the run lasts."""
+    url = storage_url(sweeper, sweep_dir)
+    with _known_optuna_warnings_off():
+        storage = make_storage(sweeper, url)
+    study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=make_pruner(sweeper))
+    trial = optuna.trial.Trial(study, cfg.sweep_trial.trial_id)
+    callbacks = []
+    if sweeper.pruner is not None:
+        sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        callbacks.append(PruningCallback(trial, sweeper.prune_on, sign))
+    with _heartbeat(storage, cfg.sweep_trial.trial_id, sweeper.heartbeat_interval):
+        yield callbacks
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int, interval: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``interval`` seconds from a daemon thread, as
+    Optuna's optimize() does for its own trials (ask-and-tell trials get none)."""
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class PruningCallback(L.Callback):
+    """Report the validation metric to the trial after every validation; stop the run
+    (RunPruned → metrics.json status ``pruned``) when the study's pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, sign: float) -> None:
+        self.trial, self.metric, self.sign = trial, metric, sign
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or value is None:
+            return
+        step = trainer.global_step
+        self.trial.report(self.sign * float(value), step)
+        if self.trial.should_prune():
+            peak = trainer.callback_metrics.get("memory.peak_bytes")
+            raise RunPruned(step, float(value), None if peak is None else float(peak))

@@ -330,6 +330,7 @@ class PlanConfig:
     """Hosted fine-tuning prices, USD per 1M training tokens, keyed by provider/offer."""
 
 
+@dataclass
 class SweepTrialConfig:
     """Set by ftx's Optuna sweeper on each trial it launches (null outside a sweep), so
     the run, in whatever process the launcher starts it, can find its trial in the

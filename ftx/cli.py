@@ -222,10 +222,11 @@ def train_job(cfg) -> float | None:
 
     from ftx.config import ConfigError
     from ftx.data import DataError
+    from ftx.rlhf import train_rlhf
     from ftx.train import train
 
     try:
-        record = train(cfg)
+        record = (train_rlhf if cfg.method.name == "rlhf" else train)(cfg)
     except (ConfigError, DataError) as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise

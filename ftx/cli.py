@@ -13,6 +13,7 @@ commands:
   train [overrides]     train one run; -m/--multirun for one run per combination
                         e.g. ftx train method=qlora method.r=32 optim.lr=2e-4
                              ftx train -m method=full,lora,qlora
+                             ftx train method=rlhf   (reward model, then RLOO)
                              ftx train --cfg job      (print the composed config)
                              ftx train --help         (config groups and options)
 

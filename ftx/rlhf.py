@@ -32,16 +32,23 @@ log = logging.getLogger(__name__)
 
 def train_rlhf(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run both stages; returns the policy's record (RUN/metrics.json)."""
-    check_rlhf(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    reward_record = None
-    if cfg.objective.reward_model is None:
-        reward_cfg = stage_config(cfg, run_dir / "reward", objective="reward", steps=cfg.rlhf.reward_steps)
-        log.info("rlhf stage 1: reward model in %s", run_dir / "reward")
-        reward_record = train(reward_cfg)
-    policy_cfg = stage_config(cfg, run_dir, objective=cfg.objective.name, steps=cfg.trainer.max_steps)
-    if reward_record is not None:
-        policy_cfg.objective.reward_model = str(run_dir / "reward")
+    try:
+        check_rlhf(cfg)  # both stages' configs, before either loads a weight
+        reward_record = None
+        if cfg.objective.reward_model is None:
+            reward_cfg = stage_config(cfg, run_dir / "reward", objective="reward", steps=cfg.rlhf.reward_steps)
+            log.info("rlhf stage 1: reward model in %s", run_dir / "reward")
+            reward_record = train(reward_cfg)
+        policy_cfg = stage_config(cfg, run_dir, objective=cfg.objective.name, steps=cfg.trainer.max_steps)
+        if reward_record is not None:
+            policy_cfg.objective.reward_model = str(run_dir / "reward")
+    except BaseException as error:
+        # The policy stage has not started: RUN/metrics.json says why (stage 1's own
+        # record, when it got that far, is in RUN/reward/).
+        record = {"method": "rlhf", "objective": cfg.objective.name, "status": "failed", "stage": "reward"}
+        write_metrics(run_dir, record | {"error": f"{type(error).__name__}: {error}"})
+        raise
     log.info("rlhf stage 2: policy (%s) against %s", cfg.objective.name, policy_cfg.objective.reward_model)
     record = train(policy_cfg, callbacks)
     record["reward_model"] = {"path": policy_cfg.objective.reward_model}

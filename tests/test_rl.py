@@ -286,6 +286,7 @@ def test_missing_reward_model_is_refused_before_training(tiny_model_dir, tiny_da
     with pytest.raises(ConfigError, match="objective.reward_model"):
         train_rlhf(compose_config([*cfg_overrides(cfg, tmp_path), "method=rlhf"]))
     assert not (tmp_path / "reward").exists()  # refused before stage 1 trains
+    assert read_metrics(tmp_path)["status"] == "failed"
 
 
 def cfg_overrides(cfg, tmp_path):

@@ -265,8 +265,12 @@ def test_rlhf_trains_a_reward_model_then_the_policy_against_it(tiny_model_dir, t
         ]
     )
     assert cfg.data.name == "json_prefs" and cfg.objective.name == "rloo"
-    record = train_rlhf(cfg)
+    snapshot = ReferenceSnapshot()
+    record = train_rlhf(cfg, callbacks=[snapshot])  # the policy stage's
     assert record["status"] == "completed" and record["method"] == "rlhf"
+    changed = {n for n in snapshot.before if not torch.equal(snapshot.before[n], snapshot.after[n])}
+    assert changed == snapshot.trainable and snapshot.unchanged
+    assert "train.reward.reward_model_mean" in snapshot.logged
     saved = read_metrics(run_dir)
     assert saved["reward_model"]["path"] == str(run_dir / "reward") and "pair_accuracy" in saved["reward_model"]
     assert {"base_reward", "reward"} <= saved["quality"].keys()

@@ -82,9 +82,10 @@ def grpo_loss(
     aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sequence_mean,
 ) -> dict[str, torch.Tensor]:
     """GRPO's clipped surrogate plus β·k3 KL per token, aggregated (module docstring)."""
-    kl = k3_kl(logps, ref_logps)
+    mask = mask.to(logps.dtype)
+    # Masked (after-EOS) tokens get KL 0: exp() of their arbitrary log-ratios could overflow.
+    kl = k3_kl(logps * mask, ref_logps * mask)
     per_token = clipped_surrogate(logps, old_logps, advantages, epsilon) + beta * kl
-    mask = mask.to(per_token.dtype)
     return {"loss": aggregate(per_token, mask), "kl": token_mean(kl.detach(), mask)}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import read_metrics, tiny_overrides
+from omegaconf import OmegaConf
 from test_objectives import perturb_adapters
 from test_train import Snapshot
 from transformers import AutoTokenizer
@@ -17,12 +18,13 @@ from transformers import AutoTokenizer
 from ftx.config import ConfigError, compose_config, project_root
 from ftx.data import load_splits
 from ftx.models import load_model
-from ftx.objectives import grpo, rloo
+from ftx.objectives import grpo, reward, rloo
 from ftx.objectives.policy_gradient import (
     Rollout,
     collate_prompts,
     completion_logps,
     completion_mask,
+    load_reward_model,
     prompt_examples,
     tokenize_prompts,
 )
@@ -276,6 +278,12 @@ def test_rlhf_trains_a_reward_model_then_the_policy_against_it(tiny_model_dir, t
     assert {"base_reward", "reward"} <= saved["quality"].keys()
     assert (run_dir / "reward" / "adapter").is_dir() and (run_dir / "adapter").is_dir()
     assert read_metrics(run_dir / "reward")["objective"] == "reward"
+
+    # The policy stage scored with the reward model stage 1 trained (its head included).
+    reward_cfg = OmegaConf.load(run_dir / "reward" / ".hydra" / "config.yaml")
+    model, tokenizer = load_reward_model(str(run_dir / "reward"), "cpu")
+    reloaded = reward.evaluate(reward_cfg, model, tokenizer, load_splits(reward_cfg))
+    assert reloaded["reward_margin"] == pytest.approx(saved["reward_model"]["reward_margin"], abs=1e-5)
 
 
 # ------------------------------------------------------------------ refusals

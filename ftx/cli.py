@@ -13,6 +13,7 @@ commands:
   train [overrides]     train one run; -m/--multirun for one run per combination
                         e.g. ftx train method=qlora method.r=32 optim.lr=2e-4
                              ftx train -m method=full,lora,qlora
+                             ftx train method=rlhf   (reward model, then RLOO)
                              ftx train --cfg job      (print the composed config)
                              ftx train --help         (config groups and options)
 
@@ -310,17 +311,19 @@ def train_job(cfg) -> dict:
 
     from ftx.config import ConfigError
     from ftx.data import DataError
+    from ftx.rlhf import train_rlhf
     from ftx.train import train
 
     try:
+        run = train_rlhf if cfg.method.name == "rlhf" else train
         if cfg.sweep_trial.trial_id is None:
-            record = train(cfg)
+            record = run(cfg)
         else:
             from ftx.sweep import trial_link
 
             hydra_cfg = HydraConfig.get()
             with trial_link(cfg, hydra_cfg.sweeper, hydra_cfg.sweep.dir) as callbacks:
-                record = train(cfg, callbacks)
+                record = run(cfg, callbacks)
     except (ConfigError, DataError) as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise

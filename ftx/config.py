@@ -136,17 +136,48 @@ class ObjectiveConfig:
 
     name: str = "sft"
     """sft (next-token loss on the answer), reward (a reward model on preference
-    pairs) or dpo (the policy on preference pairs, no reward model)."""
+    pairs), dpo (the policy on preference pairs, no reward model), rloo or grpo
+    (the policy on its own sampled completions, scored by a reward)."""
     completion_only: bool = True
     """Mask prompt tokens out of the loss, so only the answer is learnt."""
     margin: float = 0.0
     """reward: Bradley-Terry margin m in -log sigmoid(r_chosen - r_rejected - m)."""
     beta: float = 0.1
-    """dpo: strength of the pull towards the reference (higher = stay closer)."""
+    """dpo, rloo, grpo: strength of the pull towards the reference (higher = stay
+    closer); for rloo/grpo the weight of the KL penalty (0 = none)."""
     reference: str = "precomputed"
     """dpo under full fine-tuning: precomputed (reference log-probs computed once
     before training, no copy in memory) or copy (a frozen copy of the model).
-    With an adapter the reference is always the model with the adapter disabled."""
+    With an adapter the reference is always the model with the adapter disabled.
+    rloo/grpo under full fine-tuning always hold a frozen copy."""
+    num_generations: int = 4
+    """rloo/grpo: completions sampled per prompt (k); advantages compare within them.
+    Memory and time per step grow linearly with k; length is data.max_new_tokens."""
+    temperature: float = 1.0
+    """rloo/grpo: sampling temperature (log-probabilities use the same scaling)."""
+    top_p: float = 1.0
+    """rloo/grpo: nucleus sampling mass; 1 = sample from the whole distribution."""
+    epsilon: float = 0.2
+    """rloo/grpo: PPO clip range of the probability ratio (1 - eps, 1 + eps)."""
+    aggregation: str = "sequence"
+    """grpo: how per-token losses average: sequence (over each completion's tokens,
+    then over completions: the GRPO paper) or token (over all tokens: DAPO, TRL's default)."""
+    reward_model: str | None = None
+    """rloo/grpo: a reward run directory (ftx train objective=reward) or a Hugging Face
+    sequence-classification model with one output; null = reward functions only."""
+    reward_functions: list[str] = field(default_factory=list)
+    """rloo/grpo: rewards added to the model's: built-in task metrics (json_valid,
+    json_fields, exact_match, contains) scored against the example's reference, or
+    package.module:function following TRL's convention (prompts, completions, **kwargs)."""
+
+
+@dataclass
+class RlhfConfig:
+    """method=rlhf: the pipeline that trains a reward model on the preference pairs
+    (into RUN/reward/), then the policy (objective=rloo or grpo) against it."""
+
+    reward_steps: int = 100
+    """Optimizer steps of the reward-model stage (the policy stage runs trainer.max_steps)."""
 
 
 @dataclass
@@ -403,6 +434,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    rlhf: RlhfConfig = field(default_factory=RlhfConfig)
     seed: int = 42
     """Seeds torch, numpy and Python (model init of adapters, data order, dropout)."""
     run_name: str = "${model.name}-${method.name}-${quant.name}"
@@ -484,7 +516,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "quant.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
-    "objective.name": ("sft", "reward", "dpo"),
+    "objective.name": ("sft", "reward", "dpo", "rloo", "grpo"),
+    "objective.aggregation": ("sequence", "token"),
     "objective.reference": ("precomputed", "copy"),
     "data.format": (
         "auto",
@@ -607,6 +640,9 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     if model.tokenizer is not None and check_sources:
         check_model_source(model.tokenizer, model.allow_download, key="model.tokenizer")
 
+    if cfg.objective.name in ("rloo", "grpo"):
+        check_policy_gradient(cfg)
+
     data = cfg.data
     check_task_metric(data)
     for key in ("data.train_file", "data.eval_file"):
@@ -659,18 +695,100 @@ def check_task_metric(data: DictConfig) -> None:
         raise ConfigError("data.task_metric=json_schema needs data.json_schema=/path/to/schema.json.")
     if metric in BUILTIN_METRICS:
         return
-    module_name, _, function = metric.partition(":")
+    check_callable("data.task_metric", metric, BUILTIN_METRICS)
+
+
+def check_callable(key: str, name: str, builtins: tuple[str, ...]) -> None:
+    """``name`` must be importable as package.module:function (it is not a builtin)."""
+    module_name, _, function = name.partition(":")
     if not function:
         raise ConfigError(
-            f"data.task_metric={metric}: not one of {', '.join(BUILTIN_METRICS)}, and not a callable "
-            "named as package.module:function."
+            f"{key}={name}: not one of {', '.join(builtins)}, and not a callable named as package.module:function."
         )
     try:
         found = getattr(importlib.import_module(module_name), function, None)
     except ImportError as error:
-        raise ConfigError(f"data.task_metric={metric}: cannot import {module_name} ({error}).") from None
+        raise ConfigError(f"{key}={name}: cannot import {module_name} ({error}).") from None
     if not callable(found):
-        raise ConfigError(f"data.task_metric={metric}: {module_name} has no function {function}.")
+        raise ConfigError(f"{key}={name}: {module_name} has no function {function}.")
+
+
+REWARD_BUILTINS = ("exact_match", "contains", "json_valid", "json_fields")
+"""Task metrics usable as reward functions (scored against each prompt's reference)."""
+
+
+def check_policy_gradient(cfg: DictConfig) -> None:
+    """rloo/grpo: settings in range, and a reward to optimize that exists and fits.
+
+    Under method=rlhf the reward model comes from the pipeline's first stage, so it
+    may be missing here (a configured one is used instead of training one).
+    """
+    objective = cfg.objective
+    if objective.num_generations < 2:
+        raise ConfigError(
+            f"objective.num_generations={objective.num_generations}: {objective.name} compares completions of "
+            "the same prompt, so it needs at least 2 (4-16 is usual)."
+        )
+    if objective.temperature <= 0 or not 0 < objective.top_p <= 1:
+        raise ConfigError("objective.temperature must be > 0 and objective.top_p in (0, 1] (sampling settings).")
+    for name in objective.reward_functions:
+        if name not in REWARD_BUILTINS:
+            check_callable("objective.reward_functions", name, REWARD_BUILTINS)
+    if objective.reward_model is not None:
+        check_reward_model(objective.reward_model)
+    elif not objective.reward_functions and cfg.method.name != "rlhf":
+        raise ConfigError(
+            f"objective={objective.name} needs a reward: set objective.reward_model=RUN_DIR (a run of "
+            "ftx train objective=reward) and/or objective.reward_functions=[json_valid], or run the whole "
+            "pipeline with method=rlhf."
+        )
+
+
+def check_rlhf(cfg: DictConfig) -> None:
+    """method=rlhf: the pipeline's policy stage is rloo or grpo (then :func:`validate`
+    checks each stage's config as it starts)."""
+    if cfg.objective.name not in ("rloo", "grpo"):
+        raise ConfigError(
+            "method=rlhf trains a reward model, then the policy with objective=rloo or grpo, "
+            f"not objective={cfg.objective.name}. Use objective=rloo (method=rlhf's default) or objective=grpo."
+        )
+    if cfg.rlhf.reward_steps < 1:
+        raise ConfigError(f"rlhf.reward_steps={cfg.rlhf.reward_steps} must be >= 1.")
+    validate(cfg)
+
+
+def check_reward_model(path_name: str) -> None:
+    """A reward run directory or a one-output sequence-classification model, read
+    from its config files only (no weights)."""
+    import json
+
+    path = Path(path_name).expanduser()
+    fix = "Train one with `ftx train objective=reward` and pass its run directory, or set objective.reward_model=null."
+    if not path.is_dir():
+        raise ConfigError(f"objective.reward_model={path_name}: no such directory. {fix}")
+    run_config = path / ".hydra" / "config.yaml"
+    if run_config.is_file():
+        trained = OmegaConf.load(run_config).objective.name
+        if trained != "reward":
+            raise ConfigError(
+                f"objective.reward_model={path_name} is a run of objective={trained}, not a reward model. {fix}"
+            )
+        if not (path / "adapter").is_dir() and not (path / "model").is_dir():
+            raise ConfigError(
+                f"objective.reward_model={path_name}: the run has no adapter/ or model/ (did it complete?)."
+            )
+        return
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"objective.reward_model={path_name}: neither an ftx run nor a model (no config.json). {fix}")
+    model_config = json.loads(config.read_text())
+    architectures = model_config.get("architectures") or []
+    labels = len(model_config.get("id2label") or {}) or model_config.get("num_labels", 2)
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or labels != 1:
+        raise ConfigError(
+            f"objective.reward_model={path_name} is {', '.join(architectures) or 'a model'} with {labels} output(s), "
+            f"not a reward model (a sequence-classification head with one output). {fix}"
+        )
 
 
 def check_model_source(name_or_path: str, allow_download: bool, key: str) -> None:

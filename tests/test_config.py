@@ -14,7 +14,12 @@ from ftx.config import ConfigError, compose_config, config_dir, validate
 GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((config_dir() / group).glob("*.yaml"))]
 # Options that only make sense together with another choice.
-PARTNERS = {("quant", "nf4"): ["method=qlora"], ("quant", "fp4"): ["method=qlora"], ("quant", "int8"): ["method=lora"]}
+PARTNERS = {
+    ("quant", "nf4"): ["method=qlora"],
+    ("quant", "fp4"): ["method=qlora"],
+    ("quant", "int8"): ["method=lora"],
+    ("objective", "rloo"): ["objective.reward_functions=[json_valid]"],  # or a reward model, or method=rlhf
+}
 
 
 def test_every_group_has_options():

@@ -129,12 +129,14 @@ def load_splits(cfg: DictConfig, shown: int = SHOWN_PROBLEMS) -> Splits:
 
 
 def require_kind(splits: Splits, kind: str, objective: str, source: str) -> None:
-    """Stop when the data is not what the objective learns from."""
-    if splits.kind == kind:
+    """Stop when the data is not what the objective learns from (``prompts``: any
+    data with prompts, examples or pairs, whose reference answers are kept)."""
+    if splits.kind == kind or kind == "prompts" and splits.format != "text":
         return
     wanted = {
         "sft": "prompt/completion, text or conversation data (chat, alpaca, sharegpt)",
         "preference": "preference pairs (prompt/chosen/rejected, or OpenAI's preferred_output form)",
+        "prompts": "prompts: prompt/completion, conversation or preference data (not plain text)",
     }[kind]
     raise DataError(
         f"objective={objective} learns from {wanted}, but {source} holds {splits.format} data. "

@@ -28,33 +28,42 @@ def run_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def load_run(run_dir: Path, merged: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The trained model of a run (base + adapter, or full weights), in eval mode.
+def load_run(
+    run_dir: Path, merged: bool = False, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The trained model of a run (base + adapter, or full weights), in eval mode,
+    on ``device``: a causal LM, or for a reward run its one-output scoring model.
 
     ``merged``: fold the adapter into dequantized base weights (for export).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ftx.models import quantization_config
 
     cfg = run_config(run_dir)
+    auto_class = AutoModelForSequenceClassification if cfg.objective.name == "reward" else AutoModelForCausalLM
     if (run_dir / "model").is_dir():
-        model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+        model = auto_class.from_pretrained(run_dir / "model", device_map={"": device})
         return model.eval(), AutoTokenizer.from_pretrained(run_dir / "model")
     adapter = run_dir / "adapter"
     if not adapter.is_dir():
         raise FileNotFoundError(f"{run_dir} has neither model/ nor adapter/: did the run complete?")
     from peft import PeftModel
 
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    # A reward model's head is new on the base: one output, reading the last non-pad token.
+    head = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id} if auto_class is not AutoModelForCausalLM else {}
     base_path = json.loads((run_dir / METRICS_FILE).read_text())["base_model"]
     quant = quantization_config(cfg)
-    base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=_dtype(cfg))
+    base = auto_class.from_pretrained(
+        base_path, **head, quantization_config=quant, dtype=_dtype(cfg), device_map={"": device}
+    )
     if merged and quant is not None:
         base = base.dequantize(dtype=_dtype(cfg))
     model = PeftModel.from_pretrained(base, adapter)
     if merged:
         model = model.merge_and_unload()
-    return model.eval(), AutoTokenizer.from_pretrained(adapter)
+    return model.eval(), tokenizer
 
 
 def export_run(run_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path:

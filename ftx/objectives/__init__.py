@@ -18,8 +18,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-DATA_KIND = {"sft": "sft", "reward": "preference", "dpo": "preference"}
-"""The kind of data (ftx.data formats) each objective learns from."""
+DATA_KIND = {"sft": "sft", "reward": "preference", "dpo": "preference", "rloo": "prompts", "grpo": "prompts"}
+"""The kind of data (ftx.data formats) each objective learns from; ``prompts``:
+examples or pairs, whose prompts the policy completes (rloo, grpo)."""
 
 
 def load(name: str) -> ModuleType:

@@ -1,0 +1,366 @@
+"""What the policy-gradient objectives (RLOO, GRPO) share: the prompts they learn
+from, k sampled completions per prompt, the reward that scores them, the frozen
+reference they are held to, and the training step around a loss. ``rloo.py`` and
+``grpo.py`` add only where the two methods differ: the advantages and the loss.
+
+One training step, as in TRL's GRPOTrainer and RLOOTrainer with one optimisation
+pass per batch of samples (``num_iterations=1``):
+
+1. sample k completions of each prompt with the policy (``objective.temperature``,
+   ``objective.top_p``; at most ``data.max_new_tokens``; each cut after its EOS);
+2. score each completion: the reward model's score plus every reward function's
+   value (TRL sums reward functions with weight 1);
+3. log-probabilities of the completion tokens under the policy (with gradient)
+   and the reference (the adapter disabled, or a frozen copy under full
+   fine-tuning); the "old" policy of the clipped ratio is the policy itself,
+   detached, so the ratio is 1 and clipping only matters once samples are reused;
+4. the objective's loss from these.
+
+Data: any data with prompts; a preference pair contributes its prompt, with the
+chosen response as the reference that task metrics compare against.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ftx.data import Example, Preference
+from ftx.data.render import Renderer
+from ftx.data.tokenized import Collator, SplitStats, renderer_for
+from ftx.evaluation import TASK_METRICS
+from ftx.evaluation import evaluate as evaluate_examples
+from ftx.objectives.base import ObjectiveModule, disable_dropout
+
+HEAD = "causal_lm"
+
+# ----------------------------------------------------------------------- prompts
+
+
+def prompt_examples(records: list) -> list[Example]:
+    """Examples whose prompts the policy completes: SFT examples as they are, the
+    chosen side of preference pairs."""
+    return [r.as_examples()[0] if isinstance(r, Preference) else r for r in records]
+
+
+class PromptSplit:
+    """Prompt token ids (what generation continues from) with their examples."""
+
+    def __init__(self, rows: list[dict[str, Any]], stats: SplitStats) -> None:
+        self.rows = rows
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+def tokenize_prompts(cfg: DictConfig, tokenizer, examples: list[Example]) -> PromptSplit:
+    renderer = renderer_for(cfg, tokenizer)
+    rows, over_length, longest = [], [], 0
+    for example in examples:
+        ids = renderer.encode_prompt(example)
+        longest = max(longest, len(ids))
+        if len(ids) > cfg.data.max_length:
+            over_length.append(example.source)
+            ids = ids[-cfg.data.max_length :]  # keep the end: generation continues from it
+        rows.append({"input_ids": ids, "example": example})
+    tokens = sum(len(row["input_ids"]) for row in rows)
+    stats = SplitStats(len(rows), tokens, 0, len(over_length), 0, longest, len(rows), over_length[:20])
+    return PromptSplit(rows, stats)
+
+
+def collate_prompts(pad_token_id: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Left-padded prompts (generation continues from the right edge) and their examples."""
+    longest = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, longest - n :] = torch.tensor(row["input_ids"])
+        attention_mask[i, longest - n :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "examples": [row["example"] for row in rows]}
+
+
+def make_prompt_loader(cfg: DictConfig, tokenizer, examples: list[Example], shuffle: bool):
+    """Batches of ``trainer.batch_size`` prompts (each sampled k times in a step)."""
+    import functools
+
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        tokenize_prompts(cfg, tokenizer, examples),
+        batch_size=cfg.trainer.batch_size,
+        shuffle=shuffle,
+        collate_fn=functools.partial(collate_prompts, tokenizer.pad_token_id),
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def loaders(cfg: DictConfig, tokenizer, splits) -> tuple[Any, Any]:
+    return (
+        make_prompt_loader(cfg, tokenizer, prompt_examples(splits.train), shuffle=True),
+        make_prompt_loader(cfg, tokenizer, prompt_examples(splits.eval), shuffle=False),
+    )
+
+
+# ----------------------------------------------------------------------- samples
+
+
+@dataclass
+class Rollout:
+    """Completions of a batch of prompts, k per prompt, grouped prompt by prompt."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    """1 up to and including the first EOS (TRL's mask)."""
+    completions: list[str]
+    examples: list[Example]
+    """The example of each completion's prompt."""
+
+
+def sample(
+    model, tokenizer, batch: dict[str, Any], k: int, objective: DictConfig | None, max_new_tokens: int
+) -> Rollout:
+    """k sampled completions of each prompt; ``objective=None``: one greedy completion."""
+    sampling = {"do_sample": False}
+    if objective is not None:
+        sampling = {"do_sample": True, "temperature": objective.temperature, "top_p": objective.top_p, "top_k": 0}
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True  # generation reads the cache; training does not
+    try:
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=k,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    width = batch["input_ids"].shape[1]
+    completion_ids = generated[:, width:]
+    mask = completion_mask(completion_ids, tokenizer.eos_token_id)
+    return Rollout(
+        prompt_ids=batch["input_ids"].repeat_interleave(k, 0),
+        prompt_mask=batch["attention_mask"].repeat_interleave(k, 0),
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        completions=[
+            tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+            for ids, m in zip(completion_ids, mask, strict=True)
+        ],
+        examples=[e for e in batch["examples"] for _ in range(k)],
+    )
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on every token up to and including the first EOS (all of a row without one)."""
+    is_eos = completion_ids == eos_token_id
+    length = completion_ids.shape[1]
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), length)
+    return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long()
+
+
+def completion_logps(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """log π(token) of each completion token (B, T), from logits scaled by the
+    sampling temperature, as TRL scores them."""
+    from trl.trainer.utils import selective_log_softmax
+
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    width = rollout.completion_ids.shape[1]
+    logits = logits[:, -width - 1 : -1].float() / temperature
+    return selective_log_softmax(logits, rollout.completion_ids)
+
+
+# ------------------------------------------------------------------------ reward
+
+
+class Reward:
+    """Scores completions: the reward model's score plus each reward function's."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device | str) -> None:
+        self.functions = {name: reward_function(name) for name in cfg.objective.reward_functions}
+        self.model = self.renderer = None
+        if cfg.objective.reward_model is not None:
+            self.model, tokenizer = load_reward_model(cfg.objective.reward_model, str(device))
+            # The reward model reads prompt + completion rendered as it was trained.
+            self.renderer = Renderer(tokenizer, cfg.data.prompt_template, cfg.data.chat_template)
+            self.collate = Collator(tokenizer.pad_token_id, packed=False)
+        self.max_length = cfg.data.max_length
+
+    def __call__(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """{"reward": total, "reward_model": …, <function name>: …}, one value per completion."""
+        device = rollout.completion_ids.device
+        parts = {}
+        if self.model is not None:
+            parts["reward_model"] = self.score(rollout.examples, rollout.completions).to(device)
+        prompts = [e.prompt_messages() if e.is_chat else e.prompt for e in rollout.examples]
+        completions = [
+            [{"role": "assistant", "content": c}] if e.is_chat else c
+            for e, c in zip(rollout.examples, rollout.completions, strict=True)
+        ]
+        references = [e.reference() for e in rollout.examples]
+        ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
+        for name, function in self.functions.items():
+            # TRL's convention: None = no opinion; it counts as 0 in the sum.
+            values = function(prompts=prompts, completions=completions, completion_ids=ids, reference=references)
+            parts[name] = torch.tensor([float("nan") if v is None else v for v in values], device=device)
+        total = torch.stack([v.nan_to_num(0.0) for v in parts.values()]).sum(0)
+        return {"reward": total} | {f"reward.{name}": v for name, v in parts.items()}
+
+    @torch.no_grad()
+    def score(self, examples: list[Example], completions: list[str]) -> torch.Tensor:
+        rows = []
+        for example, completion in zip(examples, completions, strict=True):
+            ids, labels = self.renderer.encode(_completed(example, completion), completion_only=True)
+            rows.append({"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]})
+        batch = self.collate(rows)
+        device = next(self.model.parameters()).device
+        logits = self.model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+        return logits.squeeze(-1).float()
+
+
+def _completed(example: Example, completion: str) -> Example:
+    """The example with its answer replaced by ``completion``."""
+    if example.is_chat:
+        answer = {"role": "assistant", "content": completion, "weight": 1}
+        return Example(example.source, messages=[*example.prompt_messages(), answer])
+    return Example(example.source, prompt=example.prompt, completion=completion)
+
+
+def reward_function(name: str):
+    """A reward function in TRL's convention, f(prompts, completions, **kwargs) ->
+    list[float | None]: a built-in task metric scored against each reference, or
+    ``package.module:function``."""
+    if name in TASK_METRICS:
+        metric = TASK_METRICS[name]
+
+        def task_metric(completions: list, reference: list[str], **kwargs: Any) -> list[float]:
+            texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+            return [metric(text, ref) for text, ref in zip(texts, reference, strict=True)]
+
+        return task_metric
+    import importlib
+
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def load_reward_model(path: str, device: str):
+    """A reward run (``ftx train objective=reward``) or a Hugging Face one-output
+    sequence-classification model, frozen, in eval mode; and its tokenizer."""
+    from ftx.models.export import load_run
+
+    if (Path(path) / ".hydra" / "config.yaml").is_file():
+        model, tokenizer = load_run(Path(path), device=device)
+    else:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(path, device_map={"": device}).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.requires_grad_(False), tokenizer
+
+
+# -------------------------------------------------------------------- evaluation
+
+
+def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
+    """The SFT figures on the held-out prompts' references (held-out loss, task
+    score, forgetting), and ``reward``: the mean reward of greedy completions of
+    up to ``data.eval_examples`` held-out prompts."""
+    examples = prompt_examples(splits.eval)
+    scores = evaluate_examples(cfg, model, tokenizer, examples)
+    reward = Reward(cfg, next(model.parameters()).device)
+    values = []
+    for batch in make_prompt_loader(cfg, tokenizer, examples[: cfg.data.eval_examples], shuffle=False):
+        batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        values.append(reward(sample(model, tokenizer, batch, 1, None, cfg.data.max_new_tokens))["reward"])
+    return scores | {"reward": torch.cat(values).mean().item()}
+
+
+# ------------------------------------------------------------------------ module
+
+
+class PolicyGradientModule(ObjectiveModule):
+    """The training step of RLOO and GRPO around ``loss_terms``, which each defines."""
+
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig) -> None:
+        super().__init__(model, cfg)
+        self.cfg = cfg
+        self.settings = cfg.objective
+        disable_dropout(model)  # sampling, policy and reference log-probs must agree
+        self.frozen = None
+        if not self.adapter:
+            # Held outside the module's children: not trained, not checkpointed.
+            self.frozen = [copy.deepcopy(model).eval().requires_grad_(False)]
+        self.reward: Reward | None = None
+        self.tokenizer = None
+
+    def setup(self, stage: str) -> None:
+        from ftx.models import load_tokenizer, resolve_base
+
+        self.tokenizer = load_tokenizer(self.cfg, resolve_base(self.cfg))
+
+    def on_fit_start(self) -> None:
+        if self.frozen is not None:
+            self.frozen[0].to(self.device)
+        self.reward = Reward(self.cfg, self.device)
+
+    def loss_terms(
+        self, logps: torch.Tensor, ref_logps: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """{"loss", "kl", …} from per-token log-probs (B, T) and rewards (B,)."""
+        raise NotImplementedError
+
+    def reference_logps(self, rollout: Rollout) -> torch.Tensor:
+        with torch.no_grad():
+            if self.frozen is not None:
+                return completion_logps(self.frozen[0], rollout, self.settings.temperature)
+            with self.model.disable_adapter():
+                return completion_logps(self.model, rollout, self.settings.temperature)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        k = self.settings.num_generations
+        rollout = sample(self.model, self.tokenizer, batch, k, self.settings, self.cfg.data.max_new_tokens)
+        rewards = self.reward(rollout)
+        logps = completion_logps(self.model, rollout, self.settings.temperature)
+        values = self.loss_terms(logps, self.reference_logps(rollout), rewards["reward"], rollout.completion_mask)
+        if not torch.isfinite(values["loss"]):
+            raise FloatingPointError(f"non-finite training loss {values['loss'].item()} at step {self.global_step}")
+        values |= describe(rewards, rollout)
+        self.log_all("train", values, batch_size=len(rollout.completions))
+        return values["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout = sample(self.model, self.tokenizer, batch, 1, None, self.cfg.data.max_new_tokens)
+        self.log_all("val", describe(self.reward(rollout), rollout), batch_size=len(rollout.completions))
+
+
+def describe(rewards: dict[str, torch.Tensor], rollout: Rollout) -> dict[str, torch.Tensor]:
+    """Reward mean and spread (and each part's mean), and mean completion length."""
+    total = rewards["reward"]
+    std = total.std() if total.numel() > 1 else torch.zeros_like(total.mean())
+    values = {"reward_mean": total.mean(), "reward_std": std}
+    values |= {f"{name}_mean": v.nanmean() for name, v in rewards.items() if name != "reward"}
+    return values | {"completion_length": rollout.completion_mask.sum(1).float().mean()}

@@ -21,9 +21,9 @@ from ftx.train import train
 PROBE = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
 
 
-def trained_run(method, tiny_model_dir, tiny_data, run_dir):
+def trained_run(method, tiny_model_dir, tiny_data, run_dir, extra=()):
     """A finished run directory, laid out as `ftx train` leaves it."""
-    overrides = [*tiny_overrides(tiny_model_dir, tiny_data, run_dir), f"method={method}", "optim.lr=1e-2"]
+    overrides = [*tiny_overrides(tiny_model_dir, tiny_data, run_dir), f"method={method}", "optim.lr=1e-2", *extra]
     cfg = compose_config(overrides)
     train(cfg)
     (run_dir / ".hydra").mkdir()
@@ -32,11 +32,15 @@ def trained_run(method, tiny_model_dir, tiny_data, run_dir):
     return run_dir
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_merged_export_matches_base_plus_adapter(method, tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("lora", []), ("lora", ["method.adapt_output_head=true"]), ("qlora", [])],
+    ids=["lora", "lora-tied-head", "qlora"],
+)
+def test_merged_export_matches_base_plus_adapter(method, extra, tiny_model_dir, tiny_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run = trained_run(method, tiny_model_dir, tiny_data, tmp_path / "run")
+    run = trained_run(method, tiny_model_dir, tiny_data, tmp_path / "run", extra)
     adapted, _ = load_run(run)  # base (4-bit for QLoRA) + adapter, as trained
     out = export_run(run, tmp_path / "export")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()

@@ -60,10 +60,33 @@ def load_run(
     )
     if merged and quant is not None:
         base = base.dequantize(dtype=_dtype(cfg))
+    if merged:
+        _untie_adapted_head(base, adapter)
     model = PeftModel.from_pretrained(base, adapter)
     if merged:
         model = model.merge_and_unload()
     return model.eval(), tokenizer
+
+
+def _untie_adapted_head(model: PreTrainedModel, adapter: Path) -> None:
+    """Give an adapted output head its own weights before merging.
+
+    When the head shares its weight with the input embeddings (tied, as in ftx's
+    base) and the adapter targets it, merging would add the head's LoRA update to
+    the embeddings too, and the exported model would read its inputs through the
+    wrong embeddings. The merged model therefore saves both, untied.
+    """
+    import torch
+    from peft import PeftConfig
+
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not embeddings.weight:
+        return
+    head_name = next(name for name, module in model.named_modules() if module is head).rsplit(".", 1)[-1]
+    targets = PeftConfig.from_pretrained(adapter).target_modules
+    if head_name in (targets or ()):
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
 
 
 def export_run(run_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path:

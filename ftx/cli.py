@@ -132,17 +132,15 @@ def data(args: list[str]) -> None:
         f"{data_cfg.train_file}: format {splits.format} ({splits.kind}), {len(splits.train)} train / "
         f"{len(splits.eval)} eval rows, {splits.skipped} invalid row(s) skipped"
     )
-    from ftx.data.tokenized import stats_table, tokenize_split
+    from ftx.data.tokenized import stats_table, tokenize_pairs, tokenize_split
     from ftx.models import load_tokenizer, resolve_base
 
     tokenizer = load_tokenizer(cfg, resolve_base(cfg))
     stats = {}
     for name, records in (("train", splits.train), ("eval", splits.eval)):
         if splits.kind == "preference":
-            pairs = [record.as_examples() for record in records]
-            for index, side in enumerate(("chosen", "rejected")):
-                examples = [pair[index] for pair in pairs]
-                stats[f"{name} ({side})"] = tokenize_split(cfg, tokenizer, examples, packing=False).stats
+            for side, side_stats in tokenize_pairs(cfg, tokenizer, records).stats.items():
+                stats[f"{name} ({side})"] = side_stats
         else:
             stats[name] = tokenize_split(cfg, tokenizer, records, packing=data_cfg.packing and name == "train").stats
     print(stats_table(stats, cfg.trainer.batch_size, data_cfg.max_length))

@@ -9,7 +9,8 @@ import importlib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,21 +93,37 @@ def resolve_metric(data: DictConfig) -> Callable[[str, str], float]:
     return getattr(importlib.import_module(module), function)
 
 
-def held_out_loss(model: PreTrainedModel, loader) -> float:
-    """Token-weighted mean cross-entropy over every batch of ``loader``."""
+@contextmanager
+def inference(model: PreTrainedModel, use_cache: bool = False) -> Iterator[None]:
+    """Eval mode and no gradients (and the KV cache on, for generation) for the
+    block; the model's training mode and cache setting come back afterwards, also
+    when the block raises."""
     import torch
 
     was_training = model.training
+    cached = model.config.use_cache if use_cache else None
     model.eval()
+    if use_cache:
+        model.config.use_cache = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if use_cache:
+            model.config.use_cache = cached
+        model.train(was_training)
+
+
+def held_out_loss(model: PreTrainedModel, loader) -> float:
+    """Token-weighted mean cross-entropy over every batch of ``loader``."""
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
-    with torch.no_grad():
+    with inference(model):
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += model(**batch).loss.item() * n
             tokens += n
-    model.train(was_training)
     return total / max(tokens, 1)
 
 
@@ -118,16 +135,11 @@ def generate(
     batch_size: int = 32,
 ) -> list[str]:
     """Greedy completions (decoded, special tokens dropped) of prompt token ids."""
-    import torch
-
-    was_training, use_cache = model.training, model.config.use_cache
-    model.eval()
-    model.config.use_cache = True
     tokenizer.padding_side = "left"  # generation continues from the right edge
     device = next(model.parameters()).device
     outputs = []
     try:
-        with torch.no_grad():
+        with inference(model, use_cache=True):
             for start in range(0, len(prompts), batch_size):
                 ids = [{"input_ids": p} for p in prompts[start : start + batch_size]]
                 enc = tokenizer.pad(ids, return_tensors="pt").to(device)
@@ -142,8 +154,6 @@ def generate(
                 outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = "right"
-        model.config.use_cache = use_cache
-        model.train(was_training)
     return outputs
 
 
@@ -174,16 +184,13 @@ def perplexity(
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     windows = [ids[i : i + chunk] for i in range(0, len(ids) - 1, chunk) if len(ids[i : i + chunk]) > 1]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with torch.no_grad():
+    with inference(model):
         for window in windows:
             x = torch.tensor([window], device=device)
             total += model(input_ids=x, labels=x).loss.item() * (len(window) - 1)
             count += len(window) - 1
-    model.train(was_training)
     return math.exp(total / count)
 
 

@@ -264,6 +264,14 @@ def tokenize_pairs(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, pairs: l
     return PairSplit(chosen, rejected)
 
 
+def pair_loaders(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, splits) -> tuple:
+    """Train (shuffled) and held-out pair loaders of a preference ``Splits``."""
+    return (
+        make_pair_loader(cfg, tokenizer, splits.train, shuffle=True),
+        make_pair_loader(cfg, tokenizer, splits.eval, shuffle=False),
+    )
+
+
 def make_pair_loader(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, pairs: list, shuffle: bool):
     """Batches of B pairs as one padded batch of 2B sequences: the B chosen first,
     then the B rejected (one forward pass scores both, as TRL's trainers do)."""

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ftx.data.render import IGNORE_INDEX
-from ftx.data.tokenized import make_pair_loader
+from ftx.data.tokenized import make_pair_loader, pair_loaders
 from ftx.evaluation import evaluate as evaluate_examples
+from ftx.evaluation import inference
 from ftx.objectives.base import ObjectiveModule, disable_dropout
 
 HEAD = "causal_lm"
@@ -72,11 +73,7 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def loaders(cfg: DictConfig, tokenizer, splits) -> tuple[Any, Any]:
-    return (
-        make_pair_loader(cfg, tokenizer, splits.train, shuffle=True),
-        make_pair_loader(cfg, tokenizer, splits.eval, shuffle=False),
-    )
+loaders = pair_loaders
 
 
 def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
@@ -84,15 +81,12 @@ def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
     the chosen response, forgetting), and ``pair_accuracy``: the share of held-out
     pairs where the policy gives the chosen response the higher log-probability."""
     scores = evaluate_examples(cfg, model, tokenizer, [pair.as_examples()[0] for pair in splits.eval])
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     wins = []
-    with torch.no_grad():
-        for batch in loaders(cfg, tokenizer, splits)[1]:
+    with inference(model):
+        for batch in make_pair_loader(cfg, tokenizer, splits.eval, shuffle=False):
             chosen, rejected = sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).chunk(2)
             wins.append(chosen > rejected)
-    model.train(was_training)
     return scores | {"pair_accuracy": torch.cat(wins).float().mean().item()}
 
 

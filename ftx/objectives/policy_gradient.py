@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from ftx.data import Example, Preference
 from ftx.data.render import Renderer
 from ftx.data.tokenized import Collator, SplitStats, renderer_for
-from ftx.evaluation import TASK_METRICS
+from ftx.evaluation import TASK_METRICS, inference
 from ftx.evaluation import evaluate as evaluate_examples
 from ftx.objectives.base import ObjectiveModule, disable_dropout
 
@@ -135,23 +135,16 @@ def sample(
     sampling = {"do_sample": False}
     if objective is not None:
         sampling = {"do_sample": True, "temperature": objective.temperature, "top_p": objective.top_p, "top_k": 0}
-    was_training, use_cache = model.training, model.config.use_cache
-    model.eval()
-    model.config.use_cache = True  # generation reads the cache; training does not
-    try:
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=k,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-    finally:
-        model.config.use_cache = use_cache
-        model.train(was_training)
+    with inference(model, use_cache=True):  # generation reads the cache; training does not
+        generated = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=k,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
     width = batch["input_ids"].shape[1]
     completion_ids = generated[:, width:]
     mask = completion_mask(completion_ids, tokenizer.eos_token_id)

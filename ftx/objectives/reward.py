@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from ftx.data.tokenized import make_pair_loader
+from ftx.data.tokenized import make_pair_loader, pair_loaders
+from ftx.evaluation import inference
 from ftx.objectives.base import ObjectiveModule, disable_dropout
 
 HEAD = "reward"
@@ -31,11 +32,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
     return -F.logsigmoid(chosen - rejected - margin).mean()
 
 
-def loaders(cfg: DictConfig, tokenizer, splits) -> tuple[Any, Any]:
-    return (
-        make_pair_loader(cfg, tokenizer, splits.train, shuffle=True),
-        make_pair_loader(cfg, tokenizer, splits.eval, shuffle=False),
-    )
+loaders = pair_loaders
 
 
 def scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,16 +51,13 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: float) ->
 
 def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
     """Held-out loss, pair accuracy and mean margin over every held-out pair."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
-    with torch.no_grad():
-        for batch in loaders(cfg, tokenizer, splits)[1]:
+    with inference(model):
+        for batch in make_pair_loader(cfg, tokenizer, splits.eval, shuffle=False):
             c, r = scores(model, {k: v.to(device) for k, v in batch.items()})
             chosen.append(c)
             rejected.append(r)
-    model.train(was_training)
     values = pair_metrics(torch.cat(chosen), torch.cat(rejected), cfg.objective.margin)
     return {"eval_loss": values["loss"].item()} | {k: v.item() for k, v in values.items() if k != "loss"}
 

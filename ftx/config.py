@@ -12,6 +12,7 @@ config (``ftx train --cfg job``) must stay fast.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,7 +276,9 @@ class TrainerConfig:
     devices: Any = 1
     """Devices per node."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp_spawn, fsdp …"""
+    """Lightning strategy: auto, ddp, ddp_spawn, fsdp … (presets: trainer=ddp, trainer=fsdp)."""
+    num_nodes: int = 1
+    """Nodes of a multi-node run (under SLURM or torchrun; devices is per node)."""
     precision: str = "32-true"
     """32-true, bf16-mixed, 16-mixed, bf16-true: mixed halves activation memory on GPU."""
     max_steps: int = 200
@@ -298,6 +301,16 @@ class TrainerConfig:
     """null = on in a terminal, off in CI logs; true or false to force."""
     save_checkpoints: bool = True
     """Write Lightning checkpoints (trainable weights + optimizer) to checkpoints/."""
+    checkpoint_every: int | None = None
+    """Checkpoint every N optimizer steps (checkpoints/last.ckpt); null = every val_check_interval."""
+    resume: str = "auto"
+    """auto: continue from RUN_DIR/checkpoints/last.ckpt when it exists (rerun the same command,
+    same run directory); never: start over; or a checkpoint path."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf training loss: stop (status failed, naming the step) or skip (drop that step's update)."""
+    slurm_requeue: bool = False
+    """Under SLURM: Lightning's auto-requeue (on the job's signal, sbatch --signal=USR1@90, save a
+    checkpoint and requeue the job; the requeued run resumes)."""
     deterministic: bool = False
     """Force deterministic kernels (slower)."""
 
@@ -613,21 +626,21 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
             "trainer.precision=16-mixed needs a GPU (fp16 autocast with loss scaling). "
             "Use trainer.precision=bf16-mixed or 32-true on CPU."
         )
-    if "ddp" in trainer.strategy and trainer.strategy not in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
-        # Lightning's `ddp` relaunches the command line (pytorch-lightning#11300),
-        # which re-runs a whole Hydra multirun in every rank.
+    _check_distributed(trainer, _in_multirun(cfg))
+    if trainer.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.on_nonfinite={trainer.on_nonfinite}: use stop or skip.")
+    if trainer.on_nonfinite == "skip" and _several_devices(trainer.devices, trainer.accelerator):
         raise ConfigError(
-            f"trainer.strategy={trainer.strategy} relaunches the command line and breaks "
-            "Hydra runs; use trainer.strategy=ddp_spawn or ddp_fork, or launch with torchrun."
+            "trainer.on_nonfinite=skip drops a step on one rank only, and the other ranks would wait for it "
+            "forever; with several devices use trainer.on_nonfinite=stop."
         )
-    if trainer.strategy == "auto" and _several_devices(trainer.devices, trainer.accelerator):
-        # With several devices Lightning's `auto` picks `ddp`: the same relaunch, and in a
-        # sweep every rank re-runs the sweep (a 2-trial study wrote 4 trials).
+    if trainer.resume not in ("auto", "never") and not Path(trainer.resume).is_file():
         raise ConfigError(
-            f"trainer.devices={trainer.devices} with trainer.strategy=auto selects Lightning's ddp, which "
-            "relaunches the command line and re-runs a sweep in every rank; set trainer.strategy=ddp_spawn "
-            "or ddp_fork, or run one device per trial (trainer.devices=1) and parallelize trials with a launcher."
+            f"trainer.resume={trainer.resume}: no such checkpoint file. Use auto (resume the run directory's "
+            "checkpoints/last.ckpt if any), never, or the path of a .ckpt file."
         )
+    if trainer.checkpoint_every is not None and trainer.checkpoint_every < 1:
+        raise ConfigError(f"trainer.checkpoint_every={trainer.checkpoint_every} must be >= 1 (or null).")
 
     model = cfg.model
     if (model.name_or_path is None) == (model.pretrain is None):
@@ -668,6 +681,43 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".ndjson")
+
+
+def _check_distributed(trainer: DictConfig, multirun: bool) -> None:
+    """Lightning's ``ddp`` (also what ``auto`` picks for several devices) starts the
+    other ranks by re-running the command line. For one run that works (Lightning
+    pins the run directory); inside a Hydra multirun every rank would re-run the
+    whole sweep (pytorch-lightning#11300). Under torchrun or a multi-task SLURM
+    job the ranks exist already and nothing is re-run."""
+    several = _several_devices(trainer.devices, trainer.accelerator) or trainer.num_nodes > 1
+    if trainer.strategy == "fsdp" and trainer.accelerator == "cpu":
+        raise ConfigError(
+            "trainer.strategy=fsdp needs GPUs (trainer=fsdp); on CPU use trainer=ddp trainer.accelerator=cpu."
+        )
+    relaunches = trainer.strategy in ("ddp", "fsdp", "deepspeed") or (trainer.strategy == "auto" and several)
+    if relaunches and several and multirun and not _ranks_started_outside():
+        raise ConfigError(
+            f"trainer.strategy={trainer.strategy} with several devices inside a multirun: Lightning would start "
+            "the other ranks by re-running the command line, which re-runs the whole sweep in every rank. "
+            "Launch each trial as its own job (hydra/launcher=submitit_slurm with tasks_per_node = devices), "
+            "use trainer.strategy=ddp_spawn, or one device per trial."
+        )
+
+
+def _in_multirun(cfg: DictConfig) -> bool:
+    """A sweeper checks the config with its hydra node; a trial's task gets it without."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    mode = OmegaConf.select(cfg, "hydra.mode", default=None)
+    if mode is None and HydraConfig.initialized():
+        mode = HydraConfig.get().mode
+    return mode in (RunMode.MULTIRUN, "MULTIRUN")
+
+
+def _ranks_started_outside() -> bool:
+    """torchrun, or a SLURM job with one task per device: Lightning launches nothing."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def _several_devices(devices: Any, accelerator: str) -> bool:
@@ -800,6 +850,14 @@ def check_model_source(name_or_path: str, allow_download: bool, key: str) -> Non
     if path.is_dir():
         if key == "model.name_or_path" and not (path / "config.json").is_file():
             raise ConfigError(f"{key}={name_or_path}: the directory has no config.json.")
+        if key == "model.name_or_path" and not any(path.glob("*.safetensors")):
+            pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            found = f" only pickled weights ({', '.join(pickled)})" if pickled else " no weights"
+            raise ConfigError(
+                f"{key}={name_or_path}: the directory holds{found}. ftx loads weights from safetensors only "
+                "(unpickling a .bin can run code). Convert it once where you trust the file: "
+                "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) writes safetensors."
+            )
         return
     if not _is_hub_id(name_or_path):
         raise ConfigError(f"{key}={name_or_path}: no such directory.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -71,20 +72,25 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     except BaseException as error:
         record["status"] = "failed"
         record["error"] = f"{type(error).__name__}: {error}"
+        record.update(getattr(error, "record", {}))  # what a failure measured (memory at an OOM)
         record["traceback"] = traceback.format_exc(limit=8)
         close_failed_run()
         raise
     finally:
-        write_metrics(run_dir, record)
+        if is_rank_zero():
+            write_metrics(run_dir, record)
     log.info("run %s %s: %s", run_dir, record["status"], _summary(record))
     return record
 
 
 def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, Any]:
     import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from ftx import objectives
+    from ftx.data.sampling import EpochSampler
     from ftx.evaluation import before_after
+    from ftx.faults import Preemption, ResumeState, resume_path
     from ftx.memory import PeakMemory, device_of
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
     from ftx.objectives.meter import RunMeter
@@ -122,16 +128,27 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
         100 * params["trainable"] / params["total"],
     )
 
-    before = objective.evaluate(cfg, model, tokenizer, splits)
+    # Only rank 0 evaluates, saves and records; the other ranks of a DDP run train.
+    rank_zero = is_rank_zero()
+    before = objective.evaluate(cfg, model, tokenizer, splits) if rank_zero else {}
     log.info("base: %s", before)
 
     module = objective.Module(model, cfg)
     meter = RunMeter(memory)
     logger = make_logger(cfg, run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    resume = resume_path(cfg.trainer.resume, checkpoint_dir, run_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    preemption = Preemption(checkpoint_dir, handle_sigusr1=not _slurm_requeue(cfg))
+    sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochSampler) else None
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=_strategy(cfg, model),
+        plugins=[SLURMEnvironment(auto_requeue=True)] if _slurm_requeue(cfg) else None,
+        use_distributed_sampler=False,  # ftx's EpochSampler shards and resumes the order itself
         precision=cfg.trainer.precision,
         max_steps=cfg.trainer.max_steps,
         max_epochs=cfg.trainer.max_epochs,
@@ -146,13 +163,27 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
         enable_model_summary=False,
         deterministic=cfg.trainer.deterministic,
         logger=logger,
-        callbacks=[meter, *_checkpointing(cfg, run_dir), *callbacks],
+        callbacks=[
+            meter,
+            ResumeState(sampler, cfg.trainer.batch_size),
+            preemption,
+            *_checkpointing(cfg, checkpoint_dir),
+            *callbacks,
+        ],
         enable_checkpointing=cfg.trainer.save_checkpoints,
         default_root_dir=run_dir,
     )
     started = time.perf_counter()
-    trainer.fit(module, train_loader, eval_loader)
+    try:
+        trainer.fit(module, train_loader, eval_loader, ckpt_path=resume, weights_only=True)
+    except BaseException as error:
+        explained = _explained(error, trainer, preemption, memory, predicted)
+        if explained is error:
+            raise
+        raise explained from error
     train_s = time.perf_counter() - started
+    if not rank_zero:
+        return {}
 
     after = objective.evaluate(cfg, model, tokenizer, splits)
     log.info("fine-tuned: %s", after)
@@ -168,11 +199,14 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
         "train": {
             "steps": trainer.global_step,
             "final_loss": float(trainer.callback_metrics.get("train.loss", math.nan)),
+            "resumed_from": resume,
+            "skipped_steps": module.skipped_steps,
         },
         "data": {"format": splits.format, "skipped": splits.skipped, "packing": cfg.data.packing}
         | {k: v for k, v in asdict(train_stats).items() if k != "over_length"},
         "base_model": base,
         "artefact": str(artefact.relative_to(run_dir)),
+        "artefact_bytes": sum(f.stat().st_size for f in artefact.rglob("*") if f.is_file()),
     }
     finish_logger(logger, result, artefact if cfg.logger.log_artifact else None)
     return result
@@ -205,21 +239,76 @@ def _predicted_record(predicted) -> dict[str, Any]:
     }
 
 
-def _checkpointing(cfg: DictConfig, run_dir: Path) -> list:
+def _checkpointing(cfg: DictConfig, checkpoint_dir: Path) -> list:
+    """checkpoints/last.ckpt every ``trainer.checkpoint_every`` steps (what a restart
+    resumes from) and the latest step-numbered one."""
     if not cfg.trainer.save_checkpoints:
         return []
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     return [
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
+            dirpath=checkpoint_dir,
             filename="step{step}",
             auto_insert_metric_name=False,
-            every_n_train_steps=cfg.trainer.val_check_interval,
+            every_n_train_steps=cfg.trainer.checkpoint_every or cfg.trainer.val_check_interval,
             save_top_k=1,
             save_last=True,
         )
     ]
+
+
+def _strategy(cfg: DictConfig, model):
+    """The Lightning strategy: the configured name, except FSDP, which needs its unit
+    of sharding (the model's decoder layer) and, with adapters, the original
+    parameters (frozen and trainable ones in one flat shard)."""
+    if cfg.trainer.strategy != "fsdp":
+        return cfg.trainer.strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    unit_names = set(getattr(_base(model), "_no_split_modules", None) or [])
+    layers = {type(m) for m in model.modules() if type(m).__name__ in unit_names}
+    return FSDPStrategy(auto_wrap_policy=layers or None, use_orig_params=True, state_dict_type="full")
+
+
+def _base(model):
+    """The transformers model under a PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _slurm_requeue(cfg: DictConfig) -> bool:
+    return cfg.trainer.slurm_requeue and "SLURM_JOB_ID" in os.environ
+
+
+def is_rank_zero() -> bool:
+    """True outside distributed runs and in their rank 0 (RANK, LOCAL_RANK or SLURM_PROCID)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _explained(error: BaseException, trainer, preemption, memory, predicted) -> BaseException:
+    """The error a failed fit reports: preemption (with its checkpoint) and
+    out-of-memory (beside the planner's estimate) get their own message."""
+    from ftx.faults import OutOfMemory, Preempted, is_out_of_memory
+
+    if preemption.saved is not None:
+        return Preempted(
+            f"{preemption.signal} at step {trainer.global_step}: saved {preemption.saved}; "
+            "run the same command (same run directory) to resume"
+        )
+    if is_out_of_memory(error):
+        peak = memory.peak()
+        estimate = predicted.peak_bytes if predicted is not None else None
+        said = f"; the planner predicted {estimate / 2**30:.2f} GiB for this run" if estimate else ""
+        oom = OutOfMemory(
+            f"out of memory on {peak['device']} at step {trainer.global_step} (peak {peak['peak_bytes'] / 2**30:.2f} "
+            f"GiB so far{said}). Lower trainer.batch_size or data.max_length, set "
+            "model.gradient_checkpointing=true, or use method=qlora; ftx plan shows what fits."
+        )
+        oom.record = {"memory": peak | {"predicted_bytes": estimate}}
+        return oom
+    return error
 
 
 def _sequence_lengths(dataset) -> list[int]:

@@ -101,7 +101,6 @@ def test_unknown_key_is_refused():
         (["method=qlora", "quant=none"], "method=qlora trains LoRA on a 4-bit base.*quant=nf4"),
         (["method.r=0"], "method.r=0"),
         (["optim.name=paged_adamw_8bit"], "optim.name=paged_adamw_8bit .*adamw_8bit"),
-        (["trainer.strategy=ddp"], "ddp_spawn"),
         (["model=hf", "model.name_or_path=/no/such/model"], "/no/such/model: no such directory"),
         (["model=hf", "model.name_or_path=nobody/nothing-here"], "nobody/nothing-here.*local Hugging Face cache"),
         (["data.train_file=/no/such.jsonl"], "data.train_file: no such file or directory /no/such.jsonl"),

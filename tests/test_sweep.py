@@ -111,7 +111,8 @@ def test_bad_sweep_specs_are_refused(change, message):
         check_settings(settings)
 
 
-def test_several_devices_need_a_spawning_strategy():
+def test_several_devices_in_a_multirun_need_a_spawning_strategy(monkeypatch):
+    monkeypatch.setattr("ftx.config._in_multirun", lambda cfg: True)
     with pytest.raises(ConfigError, match="ddp_spawn"):
         validate(compose_config(["trainer.devices=2"]))
     with pytest.raises(ConfigError, match="ddp_spawn"):

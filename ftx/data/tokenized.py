@@ -179,16 +179,11 @@ def make_loader(
 ):
     """A DataLoader of tokenized batches: padded with an attention mask, or with
     ``packing`` one padding-free row per batch with per-example position ids."""
-    from torch.utils.data import DataLoader
+    from ftx.data.sampling import batches
 
     split = tokenize_split(cfg, tokenizer, examples, packing)
-    return DataLoader(
-        split,
-        batch_size=cfg.trainer.batch_size,
-        shuffle=shuffle,
-        collate_fn=Collator(tokenizer.pad_token_id, packed=packing),
-        num_workers=cfg.data.num_workers,
-    )
+    collate = Collator(tokenizer.pad_token_id, packed=packing)
+    return batches(split, cfg.trainer.batch_size, shuffle, collate, cfg.seed, cfg.data.num_workers)
 
 
 class Collator:
@@ -275,13 +270,14 @@ def pair_loaders(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, splits) ->
 def make_pair_loader(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, pairs: list, shuffle: bool):
     """Batches of B pairs as one padded batch of 2B sequences: the B chosen first,
     then the B rejected (one forward pass scores both, as TRL's trainers do)."""
-    from torch.utils.data import DataLoader
+    from ftx.data.sampling import batches
 
     collate = Collator(tokenizer.pad_token_id, packed=False)
-    return DataLoader(
+    return batches(
         tokenize_pairs(cfg, tokenizer, pairs),
-        batch_size=cfg.trainer.batch_size,
-        shuffle=shuffle,
-        collate_fn=lambda rows: collate([r["chosen"] for r in rows] + [r["rejected"] for r in rows]),
-        num_workers=cfg.data.num_workers,
+        cfg.trainer.batch_size,
+        shuffle,
+        lambda rows: collate([r["chosen"] for r in rows] + [r["rejected"] for r in rows]),
+        cfg.seed,
+        cfg.data.num_workers,
     )

@@ -113,6 +113,7 @@ def load_model(
         device_map={"": device},
         local_files_only=not cfg.model.allow_download,
         trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,  # pickled weights (.bin) can run code when loaded: never read
     )
     model.config.use_cache = False  # the KV cache only costs memory in training
     if cfg.method.adapter is None:

@@ -43,7 +43,7 @@ def load_run(
     cfg = run_config(run_dir)
     auto_class = AutoModelForSequenceClassification if cfg.objective.name == "reward" else AutoModelForCausalLM
     if (run_dir / "model").is_dir():
-        model = auto_class.from_pretrained(run_dir / "model", device_map={"": device})
+        model = auto_class.from_pretrained(run_dir / "model", device_map={"": device}, use_safetensors=True)
         return model.eval(), AutoTokenizer.from_pretrained(run_dir / "model")
     adapter = run_dir / "adapter"
     if not adapter.is_dir():
@@ -56,12 +56,19 @@ def load_run(
     base_path = json.loads((run_dir / METRICS_FILE).read_text())["base_model"]
     quant = quantization_config(cfg)
     base = auto_class.from_pretrained(
-        base_path, **head, quantization_config=quant, dtype=_dtype(cfg), device_map={"": device}
+        base_path,
+        **head,
+        quantization_config=quant,
+        dtype=_dtype(cfg),
+        device_map={"": device},
+        use_safetensors=True,
     )
     if merged and quant is not None:
         base = base.dequantize(dtype=_dtype(cfg))
     if merged:
         _untie_adapted_head(base, adapter)
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter_model.safetensors (ftx loads no pickled weights)")
     model = PeftModel.from_pretrained(base, adapter)
     if merged:
         model = model.merge_and_unload()

@@ -19,6 +19,8 @@ class ObjectiveModule(L.LightningModule):
         # Checkpoints of adapter runs hold trainable tensors only (see on_save_checkpoint):
         # the frozen (possibly 4-bit) base is reloaded from its source on resume.
         self.strict_loading = not self.adapter
+        self.on_nonfinite = cfg.trainer.on_nonfinite
+        self.skipped_steps = 0
 
     def configure_optimizers(self) -> dict[str, Any]:
         from transformers import get_scheduler
@@ -34,6 +36,21 @@ class ObjectiveModule(L.LightningModule):
         if self.adapter:
             trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def checked(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """The loss to train on; a NaN or inf one stops the run naming the step
+        (``trainer.on_nonfinite=stop``) or, with ``skip``, returns None: Lightning then
+        skips the backward pass and the optimizer step of this batch."""
+        if torch.isfinite(loss):
+            return loss
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log("train.skipped_steps", float(self.skipped_steps))
+            return None
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at step {self.global_step}; lower optim.lr, keep "
+            "trainer.gradient_clip_val on, or set trainer.on_nonfinite=skip to drop such steps"
+        )
 
     def log_all(self, prefix: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in values.items():

@@ -138,10 +138,10 @@ class Module(ObjectiveModule):
         ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
         return dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         values = self.step(batch)
-        if not torch.isfinite(values["loss"]):
-            raise FloatingPointError(f"non-finite training loss {values['loss'].item()} at step {self.global_step}")
+        if self.checked(values["loss"]) is None:
+            return None
         self.log_all("train", values, batch_size=batch["input_ids"].shape[0] // 2)
         return values["loss"]
 

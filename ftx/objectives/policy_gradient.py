@@ -93,15 +93,11 @@ def make_prompt_loader(cfg: DictConfig, tokenizer, examples: list[Example], shuf
     """Batches of ``trainer.batch_size`` prompts (each sampled k times in a step)."""
     import functools
 
-    from torch.utils.data import DataLoader
+    from ftx.data.sampling import batches
 
-    return DataLoader(
-        tokenize_prompts(cfg, tokenizer, examples),
-        batch_size=cfg.trainer.batch_size,
-        shuffle=shuffle,
-        collate_fn=functools.partial(collate_prompts, tokenizer.pad_token_id),
-        num_workers=cfg.data.num_workers,
-    )
+    collate = functools.partial(collate_prompts, tokenizer.pad_token_id)
+    prompts = tokenize_prompts(cfg, tokenizer, examples)
+    return batches(prompts, cfg.trainer.batch_size, shuffle, collate, cfg.seed, cfg.data.num_workers)
 
 
 def loaders(cfg: DictConfig, tokenizer, splits) -> tuple[Any, Any]:
@@ -268,7 +264,9 @@ def load_reward_model(path: str, device: str):
     else:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(path, device_map={"": device}).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, device_map={"": device}, use_safetensors=True
+        ).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -333,14 +331,14 @@ class PolicyGradientModule(ObjectiveModule):
             with self.model.disable_adapter():
                 return completion_logps(self.model, rollout, self.settings.temperature)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         k = self.settings.num_generations
         rollout = sample(self.model, self.tokenizer, batch, k, self.settings, self.cfg.data.max_new_tokens)
         rewards = self.reward(rollout)
         logps = completion_logps(self.model, rollout, self.settings.temperature)
         values = self.loss_terms(logps, self.reference_logps(rollout), rewards["reward"], rollout.completion_mask)
-        if not torch.isfinite(values["loss"]):
-            raise FloatingPointError(f"non-finite training loss {values['loss'].item()} at step {self.global_step}")
+        if self.checked(values["loss"]) is None:
+            return None
         values |= describe(rewards, rollout)
         self.log_all("train", values, batch_size=len(rollout.completions))
         return values["loss"]

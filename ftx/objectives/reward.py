@@ -68,10 +68,10 @@ class Module(ObjectiveModule):
         self.margin = cfg.objective.margin
         disable_dropout(model)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         values = pair_metrics(*scores(self.model, batch), self.margin)
-        if not torch.isfinite(values["loss"]):
-            raise FloatingPointError(f"non-finite training loss {values['loss'].item()} at step {self.global_step}")
+        if self.checked(values["loss"]) is None:
+            return None
         self.log_all("train", values, batch_size=batch["input_ids"].shape[0] // 2)
         return values["loss"]
 

@@ -34,13 +34,12 @@ class Module(ObjectiveModule):
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         # No KV cache while training: it is never read, and with one transformers
         # stops deriving per-example masks from the position ids of packed rows.
-        loss = self.model(**batch, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
-        self.log("train.loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss = self.checked(self.model(**batch, use_cache=False).loss)
+        if loss is not None:
+            self.log("train.loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

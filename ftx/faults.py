@@ -1,0 +1,181 @@
+"""Fault tolerance of a run: exact resume, checkpoints on preemption, and clear ends
+for non-finite losses and out-of-memory.
+
+Exact resume: a Lightning checkpoint holds the weights (trainable ones only under
+an adapter), optimizer and LR-scheduler state and the loop counters;
+:class:`ResumeState` adds what it lacks for the resumed run to be the
+uninterrupted one, bit for bit: where the epoch's batch order stood (the
+:class:`~ftx.data.sampling.EpochSampler` skips what was trained) and the random
+number generators (dropout masks). A run restarted with the same run directory
+(``trainer.resume=auto``) continues from ``checkpoints/last.ckpt``.
+
+Preemption: SIGTERM (Lightning stops at the next batch boundary) and SIGUSR1 save
+``checkpoints/last.ckpt`` before the run exits, so the same command resumes it.
+Under SLURM with ``trainer.slurm_requeue=true`` Lightning's own handler takes
+SIGUSR1 instead: it saves a checkpoint and requeues the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ftx.data.sampling import EpochSampler
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+
+
+class Preempted(RuntimeError):
+    """The run stopped on a signal after saving a checkpoint to resume from."""
+
+
+class OutOfMemory(RuntimeError):
+    """Training ran out of device (or host) memory; the message sets the planner's
+    estimate beside the measured peak, and ``record`` carries both to metrics.json."""
+
+    record: dict[str, Any]
+
+
+class ResumeState(L.Callback):
+    def __init__(self, sampler: EpochSampler | None, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self._trainer: L.Trainer | None = None
+        self._batches = 0  # batches trained in the current epoch
+        self._resumed_epoch: int | None = None
+        self._rng: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch = self._trainer.current_epoch if self._trainer is not None else 0
+        return {"epoch": epoch, "batches": self._batches, "batch_size": self.batch_size, "rng": rng_states()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"the checkpoint was trained with trainer.batch_size={state['batch_size']}, this run has "
+                f"{self.batch_size}: resume with the same batch size (or start a new run directory)."
+            )
+        self._batches, self._resumed_epoch, self._rng = state["batches"], state["epoch"], state["rng"]
+        if self.sampler is not None:
+            self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._resumed_epoch != trainer.current_epoch:
+            self._batches = 0
+        self._resumed_epoch = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._rng is not None:  # here, after the data iterator exists: as the interrupted run stood
+            set_rng_states(self._rng)
+            self._rng = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches += 1  # before ModelCheckpoint's hook: Lightning runs checkpoint callbacks last
+
+
+class Preemption(L.Callback):
+    """Save ``checkpoints/last.ckpt`` when SIGTERM or SIGUSR1 arrives, then stop."""
+
+    def __init__(self, checkpoint_dir: Path, handle_sigusr1: bool) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.handle_sigusr1 = handle_sigusr1
+        self._signal: str | None = None
+        self._previous: Any = None
+        self.saved: Path | None = None  # the checkpoint written on a signal
+        self.signal: str | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.handle_sigusr1 and hasattr(signal, "SIGUSR1"):
+            self._previous = signal.signal(signal.SIGUSR1, self._note)
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._restore()
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self._signal = signal.Signals(signum).name
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # Here, not at the end of the batch before: Lightning has counted that batch as
+        # completed, so the checkpoint resumes exactly after it (as with SIGTERM).
+        if self._signal is not None:
+            raise Preempted(f"received {self._signal}")
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        """Save where the run stands (Lightning re-raises the exception afterwards);
+        Ctrl-C saves too."""
+        self._restore()
+        if not isinstance(exception, (SIGTERMException, Preempted, KeyboardInterrupt)):
+            return
+        self.saved = self.checkpoint_dir / LAST
+        trainer.save_checkpoint(self.saved)
+        self.signal = self._signal or ("SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM")
+        log.warning("%s at step %d: saved %s; the same command resumes", self.signal, trainer.global_step, self.saved)
+
+
+def resume_path(resume: str, checkpoint_dir: Path, run_dir: Path) -> str | None:
+    """The checkpoint ``trainer.resume`` names: ``auto`` = the newest of
+    ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` Lightning's SLURM requeue
+    writes in the run directory, if any; ``never`` = none; else a path that must exist."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = [p for p in [checkpoint_dir / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint file")
+    return resume
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from, as plain Python and tensors (loadable
+    with ``torch.load(weights_only=True)``)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    python = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": [python[0], list(python[1]), python[2]],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)

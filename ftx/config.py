@@ -507,11 +507,27 @@ def _resolve_asset(relative: str) -> str:
 
 def register_resolvers() -> None:
     """``${ftx_asset:datasets/x.jsonl}`` names a file shipped with ftx;
-    ``${ftx_basename:a/b/model}`` gives ``model`` (run names from paths)."""
+    ``${ftx_basename:a/b/model}`` gives ``model`` (run names from paths);
+    ``${ftx_run_stamp:}`` the run directory's stamp (:func:`run_stamp`)."""
     resolvers = {"ftx_asset": _resolve_asset, "ftx_basename": lambda path: Path(str(path)).name}
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+    if not OmegaConf.has_resolver("ftx_run_stamp"):
+        OmegaConf.register_new_resolver("ftx_run_stamp", run_stamp, use_cache=True)
+
+
+def run_stamp() -> str:
+    """``DATE/TIME``; in a SLURM batch job ``slurm-JOBID`` (array: ``JOBID_TASK``), which
+    a requeued job keeps: the same command then finds its run directory and resumes."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    interactive = os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive")
+    if job and not interactive:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}_{task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and task else f"slurm-{job}"
+    from datetime import datetime
+
+    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
 # ----------------------------------------------------------------------- validation

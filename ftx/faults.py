@@ -17,6 +17,7 @@ SIGUSR1 instead: it saves a checkpoint and requeues the job.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import signal
@@ -26,6 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
 
 from ftx.data.sampling import EpochSampler
 
@@ -45,10 +47,67 @@ class OutOfMemory(RuntimeError):
     record: dict[str, Any]
 
 
+# What must not change between a run and its resumption: the model, the method, the
+# data and the optimisation (trainer.max_steps too: the LR schedule spans it).
+RESUME_KEYS = (
+    "seed",
+    "model",
+    "method",
+    "quant",
+    "objective",
+    "data",
+    "optim",
+    "trainer.batch_size",
+    "trainer.accumulate_grad_batches",
+    "trainer.precision",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+)
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, str]:
+    """The settings a checkpoint was trained with, as dotted key -> JSON value."""
+    from ftx.tracking import flatten
+
+    values = {}
+    for key in RESUME_KEYS:
+        node = OmegaConf.select(cfg, key)  # resolved in place: interpolations reach the whole config
+        values[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return {key: json.dumps(value, sort_keys=True, default=str) for key, value in flatten(values).items()}
+
+
+def check_resumable(path: str, cfg: DictConfig, strict: bool) -> None:
+    """Before any weights load: a checkpoint trained with other settings is refused
+    (``strict``, i.e. found by ``trainer.resume=auto``) or, named explicitly, warned
+    about, listing what differs."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = checkpoint.get("callbacks", {}).get(ResumeState.__qualname__, {}).get("fingerprint")
+    if saved is None:
+        return
+    now = fingerprint(cfg)
+    changed = [
+        f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    if not changed:
+        return
+    listed = "; ".join(changed[:8]) + (f"; … {len(changed) - 8} more" if len(changed) > 8 else "")
+    if strict:
+        from ftx.config import ConfigError
+
+        raise ConfigError(
+            f"{path} was trained with other settings ({listed}). Rerun with the settings it was trained with "
+            "to resume it, or start over: trainer.resume=never, or another run directory."
+        )
+    log.warning("resuming %s with changed settings: %s", path, listed)
+
+
 class ResumeState(L.Callback):
-    def __init__(self, sampler: EpochSampler | None, batch_size: int) -> None:
+    def __init__(self, sampler: EpochSampler | None, batch_size: int, settings: dict[str, str]) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
+        self.settings = settings
         self._trainer: L.Trainer | None = None
         self._batches = 0  # batches trained in the current epoch
         self._resumed_epoch: int | None = None
@@ -59,7 +118,13 @@ class ResumeState(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         epoch = self._trainer.current_epoch if self._trainer is not None else 0
-        return {"epoch": epoch, "batches": self._batches, "batch_size": self.batch_size, "rng": rng_states()}
+        return {
+            "epoch": epoch,
+            "batches": self._batches,
+            "batch_size": self.batch_size,
+            "rng": rng_states(),
+            "fingerprint": self.settings,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["batch_size"] != self.batch_size:

@@ -342,7 +342,8 @@ def tell(study: optuna.Study, trial: optuna.Trial, job: Any, settings: DictConfi
     """Record how a job ended: its objective values, pruned, or failed with its error."""
     from hydra.core.utils import JobStatus
 
-    trial.set_user_attr("run_dir", str(job.hydra_cfg.hydra.runtime.output_dir))
+    if job.hydra_cfg is not None:  # None when the job ended without a result (ftx_slurm_launcher)
+        trial.set_user_attr("run_dir", str(job.hydra_cfg.hydra.runtime.output_dir))
     if job.status != JobStatus.COMPLETED:
         error = job._return_value  # JobReturn.return_value would re-raise it
         trial.set_user_attr("error", f"{type(error).__name__}: {error}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 import traceback
@@ -90,7 +89,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     from ftx import objectives
     from ftx.data.sampling import EpochSampler
     from ftx.evaluation import before_after
-    from ftx.faults import Preemption, ResumeState, resume_path
+    from ftx.faults import Preemption, ResumeState, check_resumable, fingerprint, resume_path
     from ftx.memory import PeakMemory, device_of
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
     from ftx.objectives.meter import RunMeter
@@ -114,6 +113,12 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
             train_stats.longest,
         )
 
+    checkpoint_dir = run_dir / "checkpoints"
+    resume = resume_path(cfg.trainer.resume, checkpoint_dir, run_dir)
+    if resume:
+        check_resumable(resume, cfg, strict=cfg.trainer.resume == "auto")
+        log.info("resuming from %s", resume)
+
     predicted = _predict(cfg, base, _sequence_lengths(train_loader.dataset))
     import peft  # noqa: F401  (its import, ~70 MB on CPU, is library code: keep it out of the peak)
 
@@ -136,18 +141,16 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     module = objective.Module(model, cfg)
     meter = RunMeter(memory)
     logger = make_logger(cfg, run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    resume = resume_path(cfg.trainer.resume, checkpoint_dir, run_dir)
-    if resume:
-        log.info("resuming from %s", resume)
-    preemption = Preemption(checkpoint_dir, handle_sigusr1=not _slurm_requeue(cfg))
+    requeue = cfg.trainer.slurm_requeue and SLURMEnvironment.detect()
+    preemption = Preemption(checkpoint_dir, handle_sigusr1=not requeue)
     sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochSampler) else None
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
         strategy=_strategy(cfg, model),
-        plugins=[SLURMEnvironment(auto_requeue=True)] if _slurm_requeue(cfg) else None,
+        # In a SLURM job Lightning would requeue on SIGUSR1 by default: only when asked.
+        plugins=[SLURMEnvironment(auto_requeue=cfg.trainer.slurm_requeue)] if SLURMEnvironment.detect() else None,
         use_distributed_sampler=False,  # ftx's EpochSampler shards and resumes the order itself
         precision=cfg.trainer.precision,
         max_steps=cfg.trainer.max_steps,
@@ -165,7 +168,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
         logger=logger,
         callbacks=[
             meter,
-            ResumeState(sampler, cfg.trainer.batch_size),
+            ResumeState(sampler, cfg.trainer.batch_size, fingerprint(cfg)),
             preemption,
             *_checkpointing(cfg, checkpoint_dir),
             *callbacks,
@@ -274,10 +277,6 @@ def _strategy(cfg: DictConfig, model):
 def _base(model):
     """The transformers model under a PEFT wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _slurm_requeue(cfg: DictConfig) -> bool:
-    return cfg.trainer.slurm_requeue and "SLURM_JOB_ID" in os.environ
 
 
 def is_rank_zero() -> bool:

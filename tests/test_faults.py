@@ -3,6 +3,7 @@ non-finite losses, out-of-memory, DDP on CPU, and safe loading."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -239,3 +240,23 @@ def test_secrets_are_never_written(tiny_model_dir, tiny_data, tmp_path, monkeypa
         for name, value in secrets.items():
             assert value.encode() not in content, f"{name} written to {f}"
     assert not any(value in done.stdout + done.stderr for value in secrets.values())
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tiny_model_dir, tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_model_dir, tiny_data, tmp_path, steps=2)
+    assert train(compose_config(overrides))["status"] == "completed"
+    with pytest.raises(ConfigError, match=r"other settings \(optim.lr: 0.0002 -> 0.001\).*trainer.resume=never"):
+        train(compose_config([*overrides, "optim.lr=1e-3"]))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()  # the finished run's artefact is kept
+    record = train(compose_config([*overrides, "optim.lr=1e-3", "trainer.resume=never"]))
+    assert record["status"] == "completed" and record["train"]["resumed_from"] is None
+
+
+def test_a_slurm_batch_job_names_its_run_directory_by_job_id(tiny_model_dir, tiny_data, tmp_path):
+    """So that a requeued job, running the same command, finds its checkpoint."""
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path, steps=1) if "output_dir" not in o]
+    env = os.environ | {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train.sh"}
+    done = ftx_cli("train", *overrides, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").iterdir()
+    assert run.name.startswith("slurm-4242-") and (run / "metrics.json").is_file()

@@ -61,7 +61,7 @@ def table(methods: list[str], found: dict[str, dict]) -> str:
         q, mem = r["quality"], r["memory"]
         score = q.get("task_score")
         share = f"{100 * score / full_score:.0f}%" if score is not None and full_score else "–"
-        forgetting = f"{100 * q['forgetting']:+.1f}% ppl" if "forgetting" in q else "–"
+        forgetting = f"ppl ×{1 + q['forgetting']:.1f}" if "forgetting" in q else "–"
         scores = f"{q['base_task_score']:.3f} → {score:.3f}" if score is not None else "–"
         predicted = mem.get("predicted_bytes")
         lines.append(

@@ -207,8 +207,10 @@ def evaluate(args: list[str]) -> None:
     from ftx.data import load_splits
 
     model, tokenizer, cfg = load_target(args[0], args[1:])
+    from ftx.evaluation import figures
+
     scores = objectives.load(cfg.objective.name).evaluate(cfg, model, tokenizer, load_splits(cfg))
-    print(json.dumps({"target": args[0], "data": cfg.data.name, "quality": scores}, indent=2))
+    print(json.dumps({"target": args[0], "data": cfg.data.name, "quality": figures(scores)}, indent=2))
 
 
 def generate(args: list[str]) -> None:

@@ -146,6 +146,9 @@ class ObjectiveConfig:
     beta: float = 0.1
     """dpo, rloo, grpo: strength of the pull towards the reference (higher = stay
     closer); for rloo/grpo the weight of the KL penalty (0 = none)."""
+    sft_weight: float = 0.0
+    """dpo: weight of an added NLL loss on the chosen responses (RPO, Pang et al. 2024);
+    0 = plain DPO. Keeps the chosen likelihood from falling as the margin grows."""
     reference: str = "precomputed"
     """dpo under full fine-tuning: precomputed (reference log-probs computed once
     before training, no copy in memory) or copy (a frozen copy of the model).

@@ -157,23 +157,23 @@ def generate(
     return outputs
 
 
-def task_score(
+def task_scores(
     cfg: DictConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-) -> float:
-    """Mean of ``data.task_metric`` over greedy completions of ``examples``, each
-    against its reference (the completion, or the conversation's last answer)."""
+) -> list[float]:
+    """``data.task_metric`` of the greedy completion of each of ``examples``, against
+    its reference (the completion, or the conversation's last answer)."""
     metric = resolve_metric(cfg.data)
     renderer = renderer_for(cfg, tokenizer)
     prompts = [renderer.encode_prompt(example) for example in examples]
     predictions = generate(model, tokenizer, prompts, cfg.data.max_new_tokens)
     scores = [float(metric(p, e.reference())) for p, e in zip(predictions, examples, strict=True)]
-    score = sum(scores) / len(scores)
-    if not math.isfinite(score):
-        raise ValueError(f"data.task_metric={cfg.data.task_metric} gave {score}")
-    return score
+    bad = next((s for s in scores if not math.isfinite(s)), None)
+    if bad is not None:
+        raise ValueError(f"data.task_metric={cfg.data.task_metric} gave {bad}")
+    return scores
 
 
 def perplexity(
@@ -202,17 +202,41 @@ def evaluate(
     loader = make_loader(cfg, tokenizer, examples, shuffle=False)
     scores = {"eval_loss": held_out_loss(model, loader)}
     if data.task_metric is not None:
-        scores["task_score"] = task_score(cfg, model, tokenizer, examples[: data.eval_examples])
+        each = task_scores(cfg, model, tokenizer, examples[: data.eval_examples])
+        scores["task_score"] = sum(each) / len(each)
+        scores[PER_EXAMPLE] = {"task_score": each}
     if data.general_text is not None:
         text = Path(data.general_text).read_text()
         scores["general_ppl"] = perplexity(model, tokenizer, text, data.max_length, data.general_max_tokens)
     return scores
 
 
+# Per-example figures an evaluation keeps beside its means, for win rates; never recorded.
+PER_EXAMPLE = "per_example"
+
+
+def figures(scores: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's figures without its per-example lists."""
+    return {k: v for k, v in scores.items() if k != PER_EXAMPLE}
+
+
+def win_rate(new: list[float], old: list[float]) -> float:
+    """Share of examples where ``new`` beats ``old``, ties counting half (as
+    pairwise win rates are reported, e.g. AlpacaEval)."""
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, old, strict=True))
+    return wins / len(new)
+
+
 def before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """quality.* of a run: base_* figures, final ones, and forgetting = relative
-    change of general-text perplexity (positive = the model got worse at it)."""
-    quality = {f"base_{k}": v for k, v in before.items()} | after
+    """quality.* of a run: base_* figures, final ones, forgetting = relative change
+    of general-text perplexity (positive = the model got worse at it), and for each
+    per-example figure (task score; an RL run's reward) ``X_win_rate``: how often the
+    trained model's completion beats the starting model's on the same prompt."""
+    quality = {f"base_{k}": v for k, v in figures(before).items()} | figures(after)
+    old, new = before.get(PER_EXAMPLE, {}), after.get(PER_EXAMPLE, {})
+    for name, values in new.items():
+        if len(old.get(name, ())) == len(values) and values:
+            quality[f"{name}_win_rate"] = win_rate(values, old[name])
     if "general_ppl" in after:
         quality["forgetting"] = after["general_ppl"] / before["general_ppl"] - 1.0
     return quality

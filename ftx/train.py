@@ -88,7 +88,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
 
     from ftx import objectives
     from ftx.data.sampling import EpochSampler
-    from ftx.evaluation import before_after
+    from ftx.evaluation import before_after, figures
     from ftx.faults import Preemption, ResumeState, check_resumable, fingerprint, resume_path
     from ftx.memory import PeakMemory, device_of
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
@@ -136,7 +136,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     # Only rank 0 evaluates, saves and records; the other ranks of a DDP run train.
     rank_zero = is_rank_zero()
     before = objective.evaluate(cfg, model, tokenizer, splits) if rank_zero else {}
-    log.info("base: %s", before)
+    log.info("base: %s", figures(before))
 
     module = objective.Module(model, cfg)
     meter = RunMeter(memory)
@@ -189,7 +189,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
         return {}
 
     after = objective.evaluate(cfg, model, tokenizer, splits)
-    log.info("fine-tuned: %s", after)
+    log.info("fine-tuned: %s", figures(after))
     artefact = save_artefact(model, tokenizer, run_dir, adapter=cfg.method.adapter is not None)
 
     quality = before_after(before, after)

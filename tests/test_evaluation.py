@@ -55,3 +55,13 @@ def test_cpu_peak_memory_is_not_hidden_by_memory_an_earlier_job_freed():
     peak = meter.peak()["peak_bytes"]
     del blocks
     assert 90 * 2**20 <= peak <= 140 * 2**20, peak
+
+
+def test_win_rate_against_the_starting_model_counts_ties_half():
+    from ftx.evaluation import PER_EXAMPLE, before_after
+
+    before = {"task_score": 0.5, PER_EXAMPLE: {"task_score": [1.0, 0.0, 0.5, 0.25]}}
+    after = {"task_score": 0.625, PER_EXAMPLE: {"task_score": [1.0, 1.0, 0.0, 0.5]}}
+    quality = before_after(before, after)
+    assert quality["task_score_win_rate"] == (0.5 + 1 + 0 + 1) / 4
+    assert quality["base_task_score"] == 0.5 and PER_EXAMPLE not in quality and "base_per_example" not in quality

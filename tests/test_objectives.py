@@ -85,8 +85,9 @@ def test_reward_loss_matches_trl_reward_trainer(margin, tiny_model_dir, tiny_dat
     assert ours["reward_margin"].item() == pytest.approx(trainer._metrics["eval"]["margin"][-1], abs=1e-6)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_dpo_loss_matches_trl_dpo_trainer(method, tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.parametrize(("method", "sft_weight"), [("lora", 0.0), ("full", 0.0), ("lora", 0.7)])
+def test_dpo_loss_matches_trl_dpo_trainer(method, sft_weight, tiny_model_dir, tiny_data, tmp_path):
+    """sft_weight > 0 (RPO) against TRL's loss_type=[sigmoid, sft], loss_weights=[1, w]."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -99,6 +100,7 @@ def test_dpo_loss_matches_trl_dpo_trainer(method, tiny_model_dir, tiny_data, tmp
             f"method={method}",
             "objective.beta=0.3",
             "objective.reference=copy",
+            f"objective.sft_weight={sft_weight}",
         )
     )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -109,7 +111,7 @@ def test_dpo_loss_matches_trl_dpo_trainer(method, tiny_model_dir, tiny_data, tmp
     trainer = DPOTrainer(
         model=model,
         ref_model=None if method == "lora" else module.frozen[0],
-        args=trl_args(DPOConfig, tmp_path, beta=0.3),
+        args=trl_args(DPOConfig, tmp_path, beta=0.3, **rpo_args(sft_weight)),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
@@ -134,6 +136,10 @@ def test_dpo_loss_matches_trl_dpo_trainer(method, tiny_model_dir, tiny_data, tmp
     assert ours["rewards_margin"].item() == pytest.approx(metrics["rewards/margins"][-1], abs=1e-5)
     assert ours["rewards_accuracy"].item() == pytest.approx(metrics["rewards/accuracies"][-1])
     assert ours["loss"].item() != pytest.approx(0.6931, abs=1e-3)  # policy differs from reference
+
+
+def rpo_args(sft_weight: float) -> dict:
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}
 
 
 # -------------------------------------------------------------------- training

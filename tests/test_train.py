@@ -129,7 +129,9 @@ def test_seeded_lora_losses_are_pinned(tiny_model_dir, tiny_data, tmp_path):
 
 
 # base eval loss, eval loss after 3 steps, last training loss (torch 2.13 CPU, seed 42).
-PINNED_LORA = (5.670176, 5.665255, 5.650919)
+# Re-pinned 2026-11-30 when ftx's EpochSampler replaced RandomSampler (a new batch
+# order by design: the last batch, and with it the last training loss, changed).
+PINNED_LORA = (5.670176, 5.665206, 5.679943)
 
 
 def test_dropout_is_active_during_training(tiny_model_dir, tiny_data, tmp_path):

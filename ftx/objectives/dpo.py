@@ -14,6 +14,11 @@ The reference is the starting policy, kept frozen:
   training (``objective.reference=precomputed``: no copy in memory, one extra
   pass over the data).
 
+With ``objective.sft_weight`` = α > 0 the loss adds α × the chosen responses'
+mean token negative log-likelihood: RPO (Pang et al. 2024, "Iterative Reasoning
+Preference Optimization", eq. 3), which keeps the chosen likelihood from falling
+while the margin grows (TRL: ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, α]``).
+
 Logged as TRL names them: implicit rewards β·(log π − log π_ref) of chosen and
 rejected, their margin and the share of pairs with a positive margin.
 """
@@ -56,6 +61,11 @@ def dpo_sigmoid_loss(
     }
 
 
+def sft_term(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per chosen response token (RPO's added term)."""
+    return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log π(token) over each sequence's trained (response) tokens."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -94,6 +104,7 @@ class Module(ObjectiveModule):
     def __init__(self, model: torch.nn.Module, cfg: DictConfig) -> None:
         super().__init__(model, cfg)
         self.beta = cfg.objective.beta
+        self.sft_weight = cfg.objective.sft_weight
         self.reference = "adapter" if self.adapter else cfg.objective.reference
         disable_dropout(model)
         self.frozen = None
@@ -136,7 +147,12 @@ class Module(ObjectiveModule):
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         chosen, rejected = sequence_logps(self.model, batch).chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
-        return dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+        values = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+        if self.sft_weight:
+            chosen_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)[0]
+            values["sft_loss"] = sft_term(chosen, chosen_tokens)
+            values["loss"] = values["loss"] + self.sft_weight * values["sft_loss"]
+        return values
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         values = self.step(batch)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from ftx.data import Example, Preference
 from ftx.data.render import Renderer
 from ftx.data.tokenized import Collator, SplitStats, renderer_for
-from ftx.evaluation import TASK_METRICS, inference
+from ftx.evaluation import PER_EXAMPLE, TASK_METRICS, inference
 from ftx.evaluation import evaluate as evaluate_examples
 from ftx.objectives.base import ObjectiveModule, disable_dropout
 
@@ -287,7 +287,9 @@ def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
     for batch in make_prompt_loader(cfg, tokenizer, examples[: cfg.data.eval_examples], shuffle=False):
         batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v for k, v in batch.items()}
         values.append(reward(sample(model, tokenizer, batch, 1, None, cfg.data.max_new_tokens))["reward"])
-    return scores | {"reward": torch.cat(values).mean().item()}
+    rewards = torch.cat(values)
+    per_example = scores.get(PER_EXAMPLE, {}) | {"reward": rewards.tolist()}
+    return scores | {"reward": rewards.mean().item(), PER_EXAMPLE: per_example}
 
 
 # ------------------------------------------------------------------------ module

@@ -522,7 +522,11 @@ def register_resolvers() -> None:
 
 def run_stamp() -> str:
     """``DATE/TIME``; in a SLURM batch job ``slurm-JOBID`` (array: ``JOBID_TASK``), which
-    a requeued job keeps: the same command then finds its run directory and resumes."""
+    a requeued job keeps: the same command then finds its run directory and resumes;
+    under torchrun ``torchrun-RUNID``, the rendezvous id every rank shares (the ranks
+    start at slightly different times, so a timestamp could split them)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") not in (None, "", "none"):
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     interactive = os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive")
     if job and not interactive:

@@ -260,3 +260,20 @@ def test_a_slurm_batch_job_names_its_run_directory_by_job_id(tiny_model_dir, tin
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = (tmp_path / "outputs").iterdir()
     assert run.name.startswith("slurm-4242-") and (run / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_directory(tiny_model_dir, tiny_data, tmp_path):
+    """Ranks started by torchrun (Lightning launches nothing) agree on the run
+    directory without being told it: it is named by the rendezvous id."""
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path, steps=4) if "output_dir" not in o]
+    overrides = [o for o in overrides if not o.startswith("trainer.batch_size")] + ["trainer.batch_size=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    command = [*torchrun, "-m", "ftx.cli", "train", *overrides, *ddp]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").iterdir()
+    assert run.name.startswith("torchrun-")
+    record = read_metrics(run)
+    assert record["status"] == "completed" and record["train"]["steps"] == 4

@@ -205,10 +205,9 @@ def evaluate(args: list[str]) -> None:
         raise ValueError("usage: ftx eval TARGET [overrides]")
     from ftx import objectives
     from ftx.data import load_splits
-
-    model, tokenizer, cfg = load_target(args[0], args[1:])
     from ftx.evaluation import figures
 
+    model, tokenizer, cfg = load_target(args[0], args[1:])
     scores = objectives.load(cfg.objective.name).evaluate(cfg, model, tokenizer, load_splits(cfg))
     print(json.dumps({"target": args[0], "data": cfg.data.name, "quality": figures(scores)}, indent=2))
 

@@ -199,15 +199,13 @@ class Preemption(L.Callback):
 def resume_path(resume: str, checkpoint_dir: Path, run_dir: Path) -> str | None:
     """The checkpoint ``trainer.resume`` names: ``auto`` = the newest of
     ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` Lightning's SLURM requeue
-    writes in the run directory, if any; ``never`` = none; else a path that must exist."""
+    writes in the run directory, if any; ``never`` = none; else the path given."""
     if resume == "never":
         return None
     if resume == "auto":
         found = [p for p in [checkpoint_dir / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
         return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-    if not Path(resume).is_file():
-        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint file")
-    return resume
+    return resume  # a path: validate() has checked that it exists
 
 
 def rng_states() -> dict[str, Any]:

@@ -24,7 +24,10 @@ class SlurmLauncher(SubmititSlurmLauncher):
             try:
                 return wait_for_results(job)
             except (utils.UncompletedJobError, utils.FailedJobError) as error:
-                overrides = list(job.submission().args[0]) if _has_submission(job) else None
+                try:
+                    overrides = list(job.submission().args[0])
+                except Exception:  # the pickle of the submission may be gone with the job's folder
+                    overrides = None
                 failed = JobReturn(overrides=overrides, status=JobStatus.FAILED)
                 failed.return_value = RuntimeError(f"SLURM job {job.job_id} ended without a result: {error}")
                 return [failed]
@@ -34,11 +37,3 @@ class SlurmLauncher(SubmititSlurmLauncher):
             return super().launch(job_overrides, initial_job_idx)
         finally:
             core.Job.results = wait_for_results
-
-
-def _has_submission(job: Any) -> bool:
-    try:
-        job.submission()
-    except Exception:  # the pickle of the submission may be gone with the job's folder
-        return False
-    return True

@@ -12,6 +12,7 @@ config (``ftx train --cfg job``) must stay fast.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -173,6 +174,11 @@ class ObjectiveConfig:
     """rloo/grpo: rewards added to the model's: built-in task metrics (json_valid,
     json_fields, exact_match, contains) scored against the example's reference, or
     package.module:function following TRL's convention (prompts, completions, **kwargs)."""
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    """rloo/grpo: weight of each part in the summed reward, by name (reward_model and
+    each of reward_functions by its function name, e.g. {reward_model: 0.2, json_fields: 2});
+    parts not named weigh 1 (TRL's reward_weights). Balances a reward model's scale
+    against a checker's."""
 
 
 @dataclass
@@ -465,7 +471,9 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(name="ftx_schema", node=Config)
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema.objective.reward_weights, False)  # names are the user's reward parts
+    store.store(name="ftx_schema", node=schema)
     # sweeps/ stays a top-level folder (it is not a part of the experiment tree), so its
     # files join the config tree here rather than through a search path, which would
     # make every folder beside them a config group.
@@ -790,6 +798,12 @@ REWARD_BUILTINS = ("exact_match", "contains", "json_valid", "json_fields")
 """Task metrics usable as reward functions (scored against each prompt's reference)."""
 
 
+def reward_part(name: str) -> str:
+    """A reward function's name in logs and ``objective.reward_weights``: a built-in's
+    name, or the function's own for ``package.module:function`` (as TRL logs it)."""
+    return name.rpartition(":")[2]
+
+
 def check_policy_gradient(cfg: DictConfig) -> None:
     """rloo/grpo: settings in range, and a reward to optimize that exists and fits.
 
@@ -807,6 +821,23 @@ def check_policy_gradient(cfg: DictConfig) -> None:
     for name in objective.reward_functions:
         if name not in REWARD_BUILTINS:
             check_callable("objective.reward_functions", name, REWARD_BUILTINS)
+    parts = [reward_part(name) for name in objective.reward_functions]
+    if len(set(parts)) < len(parts):
+        raise ConfigError(
+            f"objective.reward_functions={list(objective.reward_functions)}: two reward functions share a name "
+            "(logs and objective.reward_weights know each by its function name); rename one."
+        )
+    if objective.reward_model is not None or cfg.method.name == "rlhf":
+        parts.insert(0, "reward_model")
+    for name, weight in objective.reward_weights.items():
+        if name not in parts:
+            raise ConfigError(
+                f"objective.reward_weights.{name}: no reward part of that name; the parts are "
+                f"{', '.join(parts) or 'none'} (reward_model when objective.reward_model is set or "
+                "method=rlhf, and each of objective.reward_functions)."
+            )
+        if not math.isfinite(weight):
+            raise ConfigError(f"objective.reward_weights.{name}={weight} must be a finite number.")
     if objective.reward_model is not None:
         check_reward_model(objective.reward_model)
     elif not objective.reward_functions and cfg.method.name != "rlhf":

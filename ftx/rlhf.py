@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ftx.config import check_rlhf
 from ftx.tracking import write_metrics
@@ -59,16 +59,11 @@ def train_rlhf(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]
 
 
 def stage_config(cfg: DictConfig, out_dir: Path, objective: str, steps: int) -> DictConfig:
-    """A copy of ``cfg`` for one stage; written to out_dir/.hydra/config.yaml like a
-    run's own (stage 1's must be, to be loadable as a reward run)."""
+    """A copy of ``cfg`` for one stage (train() saves it in out_dir/.hydra/ as the run's own)."""
     stage = copy.deepcopy(cfg)
     stage.paths.output_dir = str(out_dir)
     stage.objective.name = objective
     stage.trainer.max_steps = steps
     if objective == "reward":
         stage.run_name = f"{cfg.run_name}-reward"
-    saved = out_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(stage, saved, resolve=True)
     return stage

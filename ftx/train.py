@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ftx.config import validate
 from ftx.data import load_splits, require_kind
@@ -43,6 +43,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     a sweep's pruning). Raises what failed it, after recording it; a pruned run returns."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, run_dir)
     record: dict[str, Any] = {
         "method": cfg.method.name,
         "objective": cfg.objective.name,
@@ -80,6 +81,16 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             write_metrics(run_dir, record)
     log.info("run %s %s: %s", run_dir, record["status"], _summary(record))
     return record
+
+
+def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """RUN/.hydra/config.yaml, which ftx eval/generate/export and a reward run's users
+    read: Hydra writes it when the run directory is its own; a run given another
+    (paths.output_dir=DIR, the Python API, a pipeline stage) gets the resolved config."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file() and is_rank_zero():
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, saved, resolve=True)
 
 
 def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, Any]:

@@ -25,9 +25,7 @@ def trained_run(method, tiny_model_dir, tiny_data, run_dir, extra=()):
     """A finished run directory, laid out as `ftx train` leaves it."""
     overrides = [*tiny_overrides(tiny_model_dir, tiny_data, run_dir), f"method={method}", "optim.lr=1e-2", *extra]
     cfg = compose_config(overrides)
-    train(cfg)
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    train(cfg)  # saves .hydra/config.yaml; ftx export re-composes from Hydra's overrides.yaml
     OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
     return run_dir
 

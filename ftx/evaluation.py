@@ -133,10 +133,16 @@ def generate(
     prompts: list[list[int]],
     max_new_tokens: int,
     batch_size: int = 32,
+    samples: int = 0,
+    temperature: float = 1.0,
 ) -> list[str]:
-    """Greedy completions (decoded, special tokens dropped) of prompt token ids."""
+    """Greedy completions (decoded, special tokens dropped) of prompt token ids; with
+    ``samples`` > 0, that many sampled at ``temperature`` per prompt instead, in prompt order."""
     tokenizer.padding_side = "left"  # generation continues from the right edge
     device = next(model.parameters()).device
+    sampling = {"do_sample": False}
+    if samples:
+        sampling = {"do_sample": True, "temperature": temperature, "num_return_sequences": samples}
     outputs = []
     try:
         with inference(model, use_cache=True):
@@ -146,7 +152,7 @@ def generate(
                 generated = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
+                    **sampling,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )

@@ -4,6 +4,9 @@ training changes exactly the trainable parameters, the reference stays put."""
 from __future__ import annotations
 
 import json
+import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from conftest import ftx_cli, read_metrics, tiny_overrides
 from test_train import Snapshot
 from transformers import AutoTokenizer
 
-from ftx.config import compose_config
+from ftx.config import compose_config, project_root
 from ftx.data import DataError, load_splits
 from ftx.data.tokenized import make_pair_loader
 from ftx.models import load_model
@@ -200,3 +203,31 @@ def test_dpo_run_is_scored_and_sampled_by_the_cli(tiny_model_dir, tiny_data, tmp
     assert json.loads(out.stdout)["quality"]["pair_accuracy"] == read_metrics(tmp_path)["quality"]["pair_accuracy"]
     out = ftx_cli("generate", str(tmp_path), "--prompt", "Cancel my 2 kettles.", "--max-new-tokens", "4", timeout=300)
     assert out.returncode == 0 and "Cancel my 2 kettles.\n→ " in out.stdout, out.stderr
+
+
+def test_onpolicy_pairs_take_the_models_own_answers(tiny_model_dir, tmp_path):
+    """scripts/make_onpolicy_prefs.py: the chosen answer is the model's first correct
+    one (else the reference), the rejected its first worst; sampling gives K per message."""
+    sys.path.insert(0, str(project_root() / "scripts"))
+    from make_onpolicy_prefs import choose_pair
+
+    reference = '{"intent": "refund", "product": "kettle", "quantity": 2, "urgency": "low"}'
+    right = reference.replace(", ", ",  ")  # the same fields, another spelling
+    half = reference.replace("kettle", "toaster").replace("low", "high")
+    quarter = reference.replace("kettle", "toaster").replace("low", "high").replace("2", "3")
+    rng = random.Random(0)
+    assert choose_pair(reference, [half, right, quarter, half], [0.5, 1.0, 0.25, 0.5], rng) == (right, quarter)
+    assert choose_pair(reference, [half, quarter, quarter], [0.5, 0.25, 0.25], rng) == (reference, quarter)
+    chosen, rejected = choose_pair(reference, [right, reference], [1.0, 1.0], rng)  # no mistake of its own
+    assert chosen == right and rejected not in (right, reference) and rejected.strip()
+
+    out = tmp_path / "prefs"
+    script = project_root() / "scripts" / "make_onpolicy_prefs.py"
+    args = [str(tiny_model_dir), "--out", str(out), "--train", "3", "--eval", "2", "--samples", "2"]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train: 3 pairs" in done.stdout and "eval: 2 pairs" in done.stdout
+    shipped = (project_root() / "datasets" / "json_extract" / "train.jsonl").read_text().splitlines()[:3]
+    pairs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in pairs] == [json.loads(line)["prompt"] for line in shipped]
+    assert all(p["chosen"] != p["rejected"] for p in pairs)

@@ -5,6 +5,8 @@ refused before training. method=rlhf runs both stages."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -347,6 +349,16 @@ def test_an_encoder_reward_model_scores_the_policy_text_with_its_own_tokenizer(t
     assert torch.allclose(scored["reward.reward_model"], expected, atol=1e-5)
     assert torch.equal(scored["reward"], scored["reward.reward_model"])  # no reward functions here
 
+    # scripts/probe_reward_model.py scores the ticket against its one-field variants.
+    probe = project_root() / "scripts" / "probe_reward_model.py"
+    done = subprocess.run(
+        [sys.executable, str(probe), str(reward_run), "--examples", "2"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
+    assert set(table) == {"intent", "product", "quantity", "urgency"}
+    assert table["product"][0] == "15" and 0 <= float(table["product"][2]) <= 1
+
 
 # ------------------------------------------------------------------ refusals
 
@@ -392,3 +404,15 @@ def test_rl_needs_a_reward(tiny_model_dir, tiny_data, tmp_path):
     cfg = compose_config(rl_overrides(tiny_model_dir, tiny_data, tmp_path, "rloo"))
     with pytest.raises(ConfigError, match="objective=rloo needs a reward"):
         train(cfg)
+
+
+def test_probe_variants_change_one_field_to_each_other_value():
+    sys.path.insert(0, str(project_root() / "scripts"))
+    from probe_reward_model import variants
+
+    ticket = {"product": "kettle", "quantity": 2}
+    found = variants(ticket, {"product": ["kettle", "toaster", "fan"], "quantity": [1, 2]})
+    assert found == {
+        "product": [{"product": "toaster", "quantity": 2}, {"product": "fan", "quantity": 2}],
+        "quantity": [{"product": "kettle", "quantity": 1}],
+    }

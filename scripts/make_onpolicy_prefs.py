@@ -35,12 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 def choose_pair(reference: str, own: list[str], scores: list[float], rng: random.Random) -> tuple[str, str]:
     """(chosen, rejected) from the model's own answers (greedy first) and their scores:
-    its first fully correct answer, else the reference; its worst answer (the first
-    among equals) when that is wrong, else a synthetic mistake."""
+    its first fully correct answer, else the reference; its worst non-empty answer
+    (the first among equals) when that is wrong, else a synthetic mistake."""
     chosen = next((answer for answer, score in zip(own, scores, strict=True) if score == 1.0), reference)
-    worst = min(range(len(own)), key=scores.__getitem__)
-    if scores[worst] < 1.0 and own[worst].strip() != reference.strip():
-        return chosen, own[worst]
+    # An empty answer (EOS at once) is a mistake, but preference data refuses empty sides.
+    wrong = [i for i, answer in enumerate(own) if scores[i] < 1.0 and answer.strip() not in ("", reference.strip())]
+    if wrong:
+        return chosen, own[min(wrong, key=scores.__getitem__)]
     return chosen, rng.choice(REJECTIONS)(json.loads(reference), rng)
 
 

@@ -218,6 +218,7 @@ def test_onpolicy_pairs_take_the_models_own_answers(tiny_model_dir, tmp_path):
     rng = random.Random(0)
     assert choose_pair(reference, [half, right, quarter, half], [0.5, 1.0, 0.25, 0.5], rng) == (right, quarter)
     assert choose_pair(reference, [half, quarter, quarter], [0.5, 0.25, 0.25], rng) == (reference, quarter)
+    assert choose_pair(reference, [half, " ", quarter], [0.5, 0.0, 0.25], rng) == (reference, quarter)  # not empty
     chosen, rejected = choose_pair(reference, [right, reference], [1.0, 1.0], rng)  # no mistake of its own
     assert chosen == right and rejected not in (right, reference) and rejected.strip()
 

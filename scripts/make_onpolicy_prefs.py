@@ -13,7 +13,7 @@ decisive).
 
 With --samples K the model also samples K answers per message (--temperature):
 the chosen answer is then its own correct answer when it found one (greedy
-first), the reference otherwise; the rejected one its worst answer (greedy
+first), the reference otherwise; the rejected one its worst non-empty answer (greedy
 first among equals). Both sides on-policy is Iterative RPO's recipe (Pang et al.
 2024, "Iterative Reasoning Preference Optimization"): rerun it on the DPO model
 for another round. Prints how many answers on each side are the model's own.

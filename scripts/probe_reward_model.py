@@ -4,7 +4,7 @@
 
 For each held-out json_extract message, the correct ticket is scored against
 every ticket that differs from it in one field (each other value that field
-takes in the training data: 14 other products, 5 other quantities, ...). A
+takes in the training data: 14 other products, 4 other quantities, ...). A
 field is "read" on a message when the correct ticket outscores all of them.
 Held-out pair accuracy cannot tell the two apart: a reward model that has only
 learnt which answers its training pairs rejected (the SFT model's favourite

@@ -1,6 +1,7 @@
 """Generate the shipped preference set (datasets/json_prefs/*.jsonl) from json_extract.
 
     python scripts/make_json_prefs.py [--train 1000 --eval 200 --seed 0]
+    python scripts/make_json_prefs.py --style compact --out prefs-compact/   # a stated style instead
 
 Each pair keeps a json_extract message as the prompt, its correct ticket as the
 chosen response, and a worse response as the rejected one, of four kinds a
@@ -8,6 +9,12 @@ reviewer would mark down: a wrong field (intent, product, quantity or urgency,
 so the prompt must be read to tell them apart), JSON cut short, the quantity
 spelled in words, or a prose answer instead of JSON. The held-out pairs come from
 json_extract's held-out messages.
+
+--style compact makes a style preference instead: the same correct ticket on
+both sides, chosen written compactly (no spaces: what a ticket system billed
+per token asks for), rejected as json_extract (and an SFT model on it) writes
+it. Nothing in the SFT data teaches that preference; score it with
+data.task_metric=exact_match against the compact tickets.
 """
 
 from __future__ import annotations
@@ -57,11 +64,21 @@ def pairs(rows: list[dict], count: int, rng: random.Random) -> list[dict]:
     return out
 
 
+def compact_pairs(rows: list[dict], count: int) -> list[dict]:
+    """The correct ticket both ways: compact chosen, json_extract's spacing rejected."""
+    out = []
+    for row in rows[:count]:
+        compact = json.dumps(json.loads(row["completion"]), separators=(",", ":"))
+        out.append({"prompt": row["prompt"], "chosen": compact, "rejected": row["completion"]})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--style", choices=["compact"], help="a style preference instead of mistakes")
     parser.add_argument("--out", type=Path, default=ROOT / "datasets/json_prefs")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -69,7 +86,7 @@ def main() -> None:
     for split, count in (("train", args.train), ("eval", args.eval)):
         source = ROOT / "datasets/json_extract" / f"{split}.jsonl"
         rows = [json.loads(line) for line in source.read_text().splitlines()]
-        made = pairs(rows, count, rng)
+        made = compact_pairs(rows, count) if args.style else pairs(rows, count, rng)
         with open(args.out / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(pair) + "\n" for pair in made)
         print(f"wrote {len(made)} pairs to {args.out / f'{split}.jsonl'}")

@@ -232,3 +232,16 @@ def test_onpolicy_pairs_take_the_models_own_answers(tiny_model_dir, tmp_path):
     pairs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert [p["prompt"] for p in pairs] == [json.loads(line)["prompt"] for line in shipped]
     assert all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_compact_style_pairs_differ_only_in_spacing():
+    """scripts/make_json_prefs.py --style compact: a style preference, the same ticket both ways."""
+    sys.path.insert(0, str(project_root() / "scripts"))
+    from make_json_prefs import compact_pairs
+
+    rows = [json.loads(line) for line in (project_root() / "datasets/json_extract/eval.jsonl").open()][:3]
+    made = compact_pairs(rows, 2)
+    assert [p["prompt"] for p in made] == [r["prompt"] for r in rows[:2]]
+    for pair, row in zip(made, rows, strict=False):
+        assert pair["rejected"] == row["completion"] and " " in pair["rejected"] and " " not in pair["chosen"]
+        assert json.loads(pair["chosen"]) == json.loads(pair["rejected"])

@@ -3,6 +3,7 @@ composition against the real conf/ tree. Nothing here reaches a network."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -17,6 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 SHIPPED = project_root() / "datasets" / "json_extract"
+
+
+def script_module(name: str):
+    """A module of scripts/ (they import each other by bare name, so scripts/ joins sys.path)."""
+    scripts = str(project_root() / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ftx_cli, read_metrics, tiny_overrides
+from conftest import ftx_cli, read_metrics, script_module, tiny_overrides
 from test_train import Snapshot
 from transformers import AutoTokenizer
 
@@ -208,9 +208,7 @@ def test_dpo_run_is_scored_and_sampled_by_the_cli(tiny_model_dir, tiny_data, tmp
 def test_onpolicy_pairs_take_the_models_own_answers(tiny_model_dir, tmp_path):
     """scripts/make_onpolicy_prefs.py: the chosen answer is the model's first correct
     one (else the reference), the rejected its first worst; sampling gives K per message."""
-    sys.path.insert(0, str(project_root() / "scripts"))
-    from make_onpolicy_prefs import choose_pair
-
+    choose_pair = script_module("make_onpolicy_prefs").choose_pair
     reference = '{"intent": "refund", "product": "kettle", "quantity": 2, "urgency": "low"}'
     right = reference.replace(", ", ",  ")  # the same fields, another spelling
     half = reference.replace("kettle", "toaster").replace("low", "high")
@@ -236,9 +234,7 @@ def test_onpolicy_pairs_take_the_models_own_answers(tiny_model_dir, tmp_path):
 
 def test_compact_style_pairs_differ_only_in_spacing():
     """scripts/make_json_prefs.py --style compact: a style preference, the same ticket both ways."""
-    sys.path.insert(0, str(project_root() / "scripts"))
-    from make_json_prefs import compact_pairs
-
+    compact_pairs = script_module("make_json_prefs").compact_pairs
     rows = [json.loads(line) for line in (project_root() / "datasets/json_extract/eval.jsonl").open()][:3]
     made = compact_pairs(rows, 2)
     assert [p["prompt"] for p in made] == [r["prompt"] for r in rows[:2]]

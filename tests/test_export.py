@@ -98,6 +98,14 @@ def test_eval_and_generate_commands(tiny_model_dir, tiny_data, tmp_path):
         "generate", str(run), "--prompt", "Cancel my order of 2 kettles.", "--max-new-tokens", "5", timeout=300
     )
     assert out.returncode == 0 and "Cancel my order of 2 kettles.\n→ " in out.stdout, out.stderr
+    # A run Hydra did not start (paths.output_dir=, the Python API) loads from the config ftx saved.
+    (run / ".hydra" / "overrides.yaml").unlink()
+    out = ftx_cli("eval", str(run), "data.general_text=null", timeout=300)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads(out.stdout)["quality"]
+    assert saved["eval_loss"] == pytest.approx(recorded["eval_loss"], abs=1e-5) and "general_ppl" not in saved
+    refused = ftx_cli("eval", str(run), "data=json_extract", timeout=60)
+    assert refused.returncode == 2 and "only value overrides apply: set data.KEY=VALUE" in refused.stderr
     base = ftx_cli(
         "eval",
         str(tiny_model_dir),

@@ -98,7 +98,7 @@ def load_target(target: str, overrides: list[str]):
     if run_overrides.is_file():  # a run Hydra started: compose it again, so group overrides work
         cfg = compose_config([*OmegaConf.load(run_overrides), f"paths.output_dir={path}", *overrides])
     elif run_config.is_file():  # a run given paths.output_dir=, or the Python API: ftx saved it resolved
-        cfg = saved_config(run_config, [f"paths.output_dir={path}", *overrides])
+        cfg = saved_config(path, [f"paths.output_dir={path}", *overrides])
     else:
         cfg = compose_config(["model=hf", f"model.name_or_path={target}", f"paths.output_dir={path}", *overrides])
     validate(cfg)
@@ -124,20 +124,22 @@ def load_target(target: str, overrides: list[str]):
     return model, tokenizer, cfg
 
 
-def saved_config(run_config: Path, overrides: list[str]):
+def saved_config(run_dir: Path, overrides: list[str]):
     """A run's saved config with ``key.sub=value`` overrides; a group choice
     (``data=NAME``) cannot be re-made from a resolved config, so it is refused."""
     from omegaconf import DictConfig, OmegaConf
 
-    cfg, absent = OmegaConf.load(run_config), object()
+    from ftx.models.export import run_config
+
+    cfg, absent = run_config(run_dir), object()
     for override in overrides:
         key = override.split("=", 1)[0]
         current = OmegaConf.select(cfg, key, default=absent)
         if current is absent:
-            raise ValueError(f"{override}: {run_config} has no key {key}")
+            raise ValueError(f"{override}: {run_dir}/.hydra/config.yaml has no key {key}")
         if "=" not in override or isinstance(current, DictConfig):
             raise ValueError(
-                f"{override}: {run_config.parent.parent} has no .hydra/overrides.yaml to compose again "
+                f"{override}: {run_dir} has no .hydra/overrides.yaml to compose again "
                 f"(it was not started by Hydra), so only value overrides apply: set {key}.KEY=VALUE."
             )
         OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([override]), key), merge=False)

@@ -3,6 +3,7 @@ each command imports what it needs when it runs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -327,21 +328,24 @@ def run_hydra(task, args: list[str], prog: str) -> None:
 
     register_configs()
     register_resolvers()
-    if "--help" in args or "-h" in args:
-        _reuse_search_path()
     # argv[0] stays the real entry point: Lightning's ddp re-runs it for the other ranks.
     sys.argv = [sys.argv[0] if sys.argv and Path(sys.argv[0]).exists() else prog, *args]
-    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)()
+    app = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)
+    with _reuse_search_path() if "--help" in args or "-h" in args else contextlib.nullcontext():
+        app()
 
 
-def _reuse_search_path() -> None:
+@contextlib.contextmanager
+def _reuse_search_path():
     """Hydra 1.3's --help asks for the options of each config group (~90 queries),
     and each query re-reads the search path and deep-copies the primary config:
-    3 s. Help composes nothing, so one reading serves all of them: 0.3 s."""
+    3 s. Help composes nothing, so one reading serves all of them: 0.3 s. Hydra's
+    own method is back in place afterwards (ftx.cli.main may run again in-process)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
     original = getattr(ConfigLoaderImpl, "_parse_overrides_and_create_caching_repo", None)
     if original is None:  # another Hydra version: slower help, same text
+        yield
         return
     readings: dict = {}
 
@@ -352,6 +356,10 @@ def _reuse_search_path() -> None:
         return readings[key]
 
     ConfigLoaderImpl._parse_overrides_and_create_caching_repo = reuse
+    try:
+        yield
+    finally:
+        ConfigLoaderImpl._parse_overrides_and_create_caching_repo = original
 
 
 def train_job(cfg) -> dict:

@@ -374,9 +374,10 @@ class PlanConfig:
     pruned), so sweeps skip them; null = no budget (plan compares to gpu_memory_gb)."""
     cuda_overhead_mb: float = 64.0
     """Allocations besides the model's tensors on CUDA (cuBLAS workspaces), MiB."""
-    cpu_overhead_mb: float = 60.0
-    """The same on CPU, MiB: the runtime's first-use memory (kernels, thread pools, malloc
-    arenas); 54-65 MiB measured in fresh `ftx train` runs of a model of ~0.1M parameters."""
+    cpu_overhead_mb: float | None = None
+    """The same on CPU, MiB, to assume instead of measuring: null = each run measures
+    its own before its weights load (first-use memory of its kernels, malloc's retention
+    at its shapes; ftx.calibration), and ``ftx plan`` on CPU leaves the term out."""
     chars_per_token: float = 4.0
     """Token estimate when the tokenizer is not available locally (English BPE)."""
     hosted_usd_per_mtok: dict[str, float] = field(default_factory=dict)

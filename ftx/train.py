@@ -63,6 +63,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     except OverBudget as over:
         record.update(status="pruned", reason=str(over), memory={"predicted_bytes": over.plan.peak_bytes})
         log.warning("run %s pruned: %s", run_dir, over)
+        close_failed_run(exit_code=0)
         return record
     except RunPruned as pruned:
         record.update(status="pruned", reason=str(pruned), train={"steps": pruned.step})
@@ -104,7 +105,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     from ftx.memory import PeakMemory, device_of
     from ftx.models import count_parameters, load_model, load_tokenizer, resolve_base, save_artefact
     from ftx.objectives.meter import RunMeter
-    from ftx.tracking import finish_logger, make_logger
+    from ftx.tracking import finish_logger, make_logger, start_logger
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     base = resolve_base(cfg)
@@ -130,11 +131,14 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
         check_resumable(resume, cfg, strict=cfg.trainer.resume == "auto")
         log.info("resuming from %s", resume)
 
-    predicted = _predict(cfg, base, _sequence_lengths(train_loader.dataset))
     import peft  # noqa: F401  (its import, ~70 MB on CPU, is library code: keep it out of the peak)
 
+    # The logger's own process state (a W&B run's threads and buffers) is the
+    # framework's, like imports: started before the baseline, out of the peak.
+    logger = start_logger(make_logger(cfg, run_dir))
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
     memory.start()  # baseline before weights: the peak counts the model's own memory
+    predicted, calibration = _predict(cfg, base, train_loader.dataset, memory, objective.HEAD, tokenizer.pad_token_id)
     model = load_model(cfg, base, memory.device, head=objective.HEAD, pad_token_id=tokenizer.pad_token_id)
     params = count_parameters(model)
     log.info(
@@ -148,10 +152,10 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     rank_zero = is_rank_zero()
     before = objective.evaluate(cfg, model, tokenizer, splits) if rank_zero else {}
     log.info("base: %s", figures(before))
+    memory.release()  # what scoring freed is not kept under training's peak
 
     module = objective.Module(model, cfg)
     meter = RunMeter(memory)
-    logger = make_logger(cfg, run_dir)
     requeue = cfg.trainer.slurm_requeue and SLURMEnvironment.detect()
     preemption = Preemption(checkpoint_dir, handle_sigusr1=not requeue)
     sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochSampler) else None
@@ -207,7 +211,7 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     result = {
         "params": params | {"trainable_share": params["trainable"] / params["total"]},
         "quality": quality,
-        "memory": memory.peak() | _predicted_record(predicted),
+        "memory": memory.peak() | _predicted_record(predicted, calibration),
         "throughput": {"tokens_per_s": meter.tokens_per_s, "tokens": meter.tokens},
         "time": {"train_s": train_s},
         "train": {
@@ -226,31 +230,39 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
     return result
 
 
-def _predict(cfg: DictConfig, base: str, lengths: list[int]):
-    """The planner's prediction (None for an architecture it cannot read, unless a
-    budget needs it); raises OverBudget when over ``plan.budget_gb``."""
+def _predict(cfg: DictConfig, base: str, dataset, memory, head: str, pad_token_id: int):
+    """(the planner's prediction, the calibration that measured its runtime overhead).
+    The prediction is None for an architecture the planner cannot read, unless a
+    budget needs it; the calibration None where it does not apply (ftx.calibration).
+    Raises OverBudget when over ``plan.budget_gb``, before the run's weights load."""
+    from ftx import calibration
     from ftx.memory.plan import fits_budget
 
+    lengths = _sequence_lengths(dataset)
     try:
         fits, predicted = fits_budget(cfg, base, lengths)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         if cfg.plan.budget_gb is not None:
             raise
         log.warning("no memory prediction for this model (%s: %s)", type(error).__name__, error)
-        return None
+        return None, None
+    measured = None
+    if fits and calibration.applies(cfg, memory, head):  # the tensors alone may not fit: nothing to measure
+        measured = calibration.calibrate(cfg, base, dataset.rows, pad_token_id, memory)
+        fits, predicted = fits_budget(cfg, base, lengths, measured.as_overhead())
     log.info("predicted peak memory %.1f MiB (%s)", predicted.peak_bytes / 2**20, predicted.peak_phase)
     if not fits:
         raise OverBudget(predicted)
-    return predicted
+    return predicted, measured
 
 
-def _predicted_record(predicted) -> dict[str, Any]:
+def _predicted_record(predicted, calibration=None) -> dict[str, Any]:
     if predicted is None:
         return {"predicted_bytes": None}
     return {
         "predicted_bytes": predicted.peak_bytes,
         "predicted": {item.key: item.at_peak for item in predicted.items},
-    }
+    } | ({"calibration": calibration.record()} if calibration is not None else {})
 
 
 def _checkpointing(cfg: DictConfig, checkpoint_dir: Path) -> list:

@@ -3,11 +3,15 @@ composition against the real conf/ tree. Nothing here reaches a network."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -82,6 +86,9 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], run_dir: Path, steps:
         "logger=none",
         "method.r=4",
         "method.alpha=8",
+        # A stated CPU runtime overhead: no calibration before each of the suite's
+        # ~70 runs (test_plan.py tests the calibration itself).
+        "plan.cpu_overhead_mb=0",
     ]
 
 
@@ -90,7 +97,54 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def ftx_cli(*args: str, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run the `ftx` command in a fresh process, as a user would."""
+    """Run the `ftx` command in a fresh process, as a user would. For tests whose
+    subject is the process (signals, DDP ranks, start-up, imports); the rest use
+    :func:`ftx_main`, which saves the ~10 s of importing torch and its stack again."""
     return subprocess.run(
         [sys.executable, "-m", "ftx.cli", *args], capture_output=True, text=True, timeout=timeout, **kwargs
     )
+
+
+def ftx_main(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``ftx ARGS`` in this process through ``ftx.cli.main``, as the console script
+    does, and return what a subprocess would: the exit code (SystemExit's, 1 for an
+    uncaught exception, with its traceback on stderr) and the captured output.
+    ``env`` replaces the environment for the call, ``cwd`` the working directory;
+    sys.argv, Hydra's global state and the logging handlers a run adds are restored."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ftx.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_env, saved_cwd = list(sys.argv), dict(os.environ), os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    code = 0
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main(list(args))
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+                if not isinstance(done.code, int | None):
+                    print(done.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv[:] = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        GlobalHydra.instance().clear()
+        for handler in [h for h in root.handlers if h not in saved_handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    return subprocess.CompletedProcess(["ftx", *args], code, stdout.getvalue(), stderr.getvalue())

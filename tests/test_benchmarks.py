@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ftx_cli, tiny_overrides
+from conftest import ftx_main, tiny_overrides
 
 from ftx.config import project_root
 from ftx.objectives.meter import StepClock
@@ -55,7 +55,7 @@ def test_startup_benchmark_times_each_command():
 
 
 def test_train_help_lists_every_group_and_option():
-    out = ftx_cli("train", "--help")
+    out = ftx_main("train", "--help")
     assert out.returncode == 0, out.stderr
     assert "method: dora, full, lora, qlora, rlhf" in out.stdout
     assert "objective: dpo, grpo, reward, rloo, sft" in out.stdout

@@ -7,12 +7,12 @@ import os
 import subprocess
 
 import pytest
-from conftest import ftx_cli, tiny_overrides
+from conftest import ftx_main, tiny_overrides
 
 
 def test_multirun_leaves_one_run_directory_per_method(tiny_model_dir, tiny_data, tmp_path):
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path) if not o.startswith("paths.")]
-    out = ftx_cli(
+    out = ftx_main(
         "train",
         "-m",
         "method=full,lora,qlora",
@@ -48,7 +48,7 @@ def test_default_experiment_pretrains_its_base_once_then_fine_tunes(tmp_path):
     ]
 
     def run(name: str) -> subprocess.CompletedProcess:
-        return ftx_cli("train", *short, f"hydra.run.dir={tmp_path / name}", env=env)
+        return ftx_main("train", *short, f"hydra.run.dir={tmp_path / name}", env=env)
 
     first = run("first")
     assert first.returncode == 0, first.stderr[-3000:]

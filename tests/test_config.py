@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ftx_cli, tiny_overrides
+from conftest import ftx_main, tiny_overrides
 from omegaconf import OmegaConf
 
 from ftx.config import ConfigError, compose_config, config_dir, validate
@@ -115,7 +115,7 @@ def test_bad_combinations_name_the_key_and_the_fix(overrides, message):
 
 
 def test_cli_help_and_cfg_job_do_not_import_torch():
-    out = ftx_cli("--help")
+    out = ftx_main("--help")
     assert out.returncode == 0 and "ftx train" in out.stdout
     probe = (
         "import sys, ftx.cli; ftx.cli.main(['train', '--cfg', 'job']); "
@@ -127,7 +127,7 @@ def test_cli_help_and_cfg_job_do_not_import_torch():
 
 
 def test_cli_lists_the_options_of_an_unknown_choice():
-    out = ftx_cli("train", "method=lorra")
+    out = ftx_main("train", "method=lorra")
     assert out.returncode != 0
     assert "Could not find 'method/lorra'" in out.stderr
     for option in ("full", "lora", "qlora", "dora"):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import ftx_cli, read_metrics, tiny_overrides
+from conftest import ftx_main, read_metrics, tiny_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftx.config import compose_config, project_root
@@ -379,10 +379,10 @@ def test_data_validate_command(tiny_model_dir, tmp_path):
     bad.write_text(
         '{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [{"role": "bot", "content": "b"}]}\n'
     )
-    out = ftx_cli("data", "validate", "data=custom", f"data.train_file={bad}", timeout=120)
+    out = ftx_main("data", "validate", "data=custom", f"data.train_file={bad}")
     assert out.returncode == 2
     assert f"{bad}:1: 'messages' has no assistant turn" in out.stderr and f"{bad}:2: messages[0]: unknown" in out.stderr
-    out = ftx_cli(
+    out = ftx_main(
         "data",
         "validate",
         "model=hf",
@@ -391,7 +391,6 @@ def test_data_validate_command(tiny_model_dir, tmp_path):
         f"data.train_file={EXAMPLES / 'chat.jsonl'}",
         "data.max_length=100",
         f"paths.cache_dir={tmp_path}",
-        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "format chat (sft), 5 train / 1 eval rows" in out.stdout

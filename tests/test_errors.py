@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import ftx_cli, read_metrics, tiny_overrides
+from conftest import ftx_main, read_metrics, tiny_overrides
 
 
 def ftx_train(*overrides: str) -> subprocess.CompletedProcess:
-    return ftx_cli("train", *overrides, timeout=300)
+    return ftx_main("train", *overrides)
 
 
 def assert_refused(out: subprocess.CompletedProcess, run_dir, *needles: str) -> None:

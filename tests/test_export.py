@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ftx_cli, tiny_overrides
+from conftest import ftx_main, tiny_overrides
 from omegaconf import OmegaConf
 
 from ftx.config import compose_config
@@ -89,31 +89,28 @@ def test_export_loads_in_a_process_without_ftx(tiny_model_dir, tiny_data, tmp_pa
 def test_eval_and_generate_commands(tiny_model_dir, tiny_data, tmp_path):
     run = trained_run("lora", tiny_model_dir, tiny_data, tmp_path / "run")
     recorded = json.loads((run / "metrics.json").read_text())["quality"]
-    out = ftx_cli("eval", str(run), timeout=300)
+    out = ftx_main("eval", str(run))
     assert out.returncode == 0, out.stderr
     scores = json.loads(out.stdout)["quality"]
     assert scores["eval_loss"] == pytest.approx(recorded["eval_loss"], abs=1e-5)
     assert scores["general_ppl"] == pytest.approx(recorded["general_ppl"], rel=1e-5)
-    out = ftx_cli(
-        "generate", str(run), "--prompt", "Cancel my order of 2 kettles.", "--max-new-tokens", "5", timeout=300
-    )
+    out = ftx_main("generate", str(run), "--prompt", "Cancel my order of 2 kettles.", "--max-new-tokens", "5")
     assert out.returncode == 0 and "Cancel my order of 2 kettles.\n→ " in out.stdout, out.stderr
     # A run Hydra did not start (paths.output_dir=, the Python API) loads from the config ftx saved.
     (run / ".hydra" / "overrides.yaml").unlink()
-    out = ftx_cli("eval", str(run), "data.general_text=null", timeout=300)
+    out = ftx_main("eval", str(run), "data.general_text=null")
     assert out.returncode == 0, out.stderr
     saved = json.loads(out.stdout)["quality"]
     assert saved["eval_loss"] == pytest.approx(recorded["eval_loss"], abs=1e-5) and "general_ppl" not in saved
-    refused = ftx_cli("eval", str(run), "data=json_extract", timeout=60)
+    refused = ftx_main("eval", str(run), "data=json_extract")
     assert refused.returncode == 2 and "only value overrides apply: set data.KEY=VALUE" in refused.stderr
-    base = ftx_cli(
+    base = ftx_main(
         "eval",
         str(tiny_model_dir),
         f"data.eval_file={tiny_data['eval']}",
         f"data.train_file={tiny_data['train']}",
         "data.eval_examples=2",
         "data.general_max_tokens=64",
-        timeout=300,
     )
     assert base.returncode == 0, base.stderr
     assert json.loads(base.stdout)["quality"]["eval_loss"] == pytest.approx(recorded["base_eval_loss"], abs=1e-5)

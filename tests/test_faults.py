@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ftx_cli, read_metrics, tiny_overrides
+from conftest import ftx_cli, ftx_main, read_metrics, tiny_overrides
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 
@@ -48,7 +48,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tiny_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    done = ftx_cli("train", *resumable(tiny_model_dir, tiny_data, run_dir))
+    done = ftx_main("train", *resumable(tiny_model_dir, tiny_data, run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
@@ -76,13 +76,15 @@ def test_epoch_sampler_resumes_after_what_was_trained():
 
 @pytest.mark.slow
 def test_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
-    step = random.randint(4, 13)
+    # A step between checkpoints (every 3), after the first; seeded so that a failure
+    # reproduces: FTX_TEST_KILL_SEED=N picks another (the step is in the failure message).
+    step = random.Random(int(os.environ.get("FTX_TEST_KILL_SEED", "0"))).randint(4, 13)
     overrides = resumable(tiny_model_dir, tiny_data, tmp_path)
     killed = subprocess.run([sys.executable, str(FAULT_RUN), "KILL", str(step), *overrides], capture_output=True)
     assert killed.returncode == -9, f"not killed at step {step}"
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "adapter").exists()
 
-    resumed = ftx_cli("train", *overrides)  # the same command
+    resumed = ftx_main("train", *overrides)  # the same command
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_metrics(tmp_path)["train"]["resumed_from"].endswith("last.ckpt")
     assert_same_run(tmp_path, uninterrupted)
@@ -103,7 +105,7 @@ def test_signal_saves_a_checkpoint_and_the_same_command_resumes(
     # adapter checkpoints hold the trainable tensors only, not the frozen base
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
 
-    resumed = ftx_cli("train", *overrides)
+    resumed = ftx_main("train", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_metrics(tmp_path)["status"] == "completed"
     assert_same_run(tmp_path, uninterrupted)
@@ -156,7 +158,7 @@ def test_out_of_memory_is_reported_beside_the_planners_estimate(tiny_model_dir, 
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tiny_model_dir, tiny_data, tmp_path):
     base = tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "one", steps=6)
     base = [o for o in base if not o.startswith("trainer.batch_size")] + ["method.dropout=0"]
-    one = ftx_cli("train", *base, "trainer.batch_size=4")
+    one = ftx_main("train", *base, "trainer.batch_size=4")
     assert one.returncode == 0, one.stderr[-3000:]
     ddp_dir = tmp_path / "ddp"
     ddp = [o.replace(str(tmp_path / "one"), str(ddp_dir)) for o in base]
@@ -230,7 +232,7 @@ def test_secrets_are_never_written(tiny_model_dir, tiny_data, tmp_path, monkeypa
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path, steps=2) if o != "logger=none"]
-    done = ftx_cli("train", *overrides, "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}")
+    done = ftx_main("train", *overrides, "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     files = [f for f in tmp_path.rglob("*") if f.is_file()]
     assert any(f.name == "metrics.json" for f in files) and any(f.suffix == ".wandb" for f in files)
@@ -256,7 +258,7 @@ def test_a_slurm_batch_job_names_its_run_directory_by_job_id(tiny_model_dir, tin
     """So that a requeued job, running the same command, finds its checkpoint."""
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path, steps=1) if "output_dir" not in o]
     env = os.environ | {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train.sh"}
-    done = ftx_cli("train", *overrides, cwd=tmp_path, env=env)
+    done = ftx_main("train", *overrides, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = (tmp_path / "outputs").iterdir()
     assert run.name.startswith("slurm-4242-") and (run / "metrics.json").is_file()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ftx_cli, read_metrics, script_module, tiny_overrides
+from conftest import ftx_main, read_metrics, script_module, tiny_overrides
 from test_train import Snapshot
 from transformers import AutoTokenizer
 
@@ -197,11 +197,11 @@ def test_objectives_refuse_the_wrong_kind_of_data(tiny_model_dir, tiny_data, tmp
 def test_dpo_run_is_scored_and_sampled_by_the_cli(tiny_model_dir, tiny_data, tmp_path):
     overrides = preference_overrides(tiny_model_dir, tiny_data, tmp_path, "dpo", steps=2)
     overrides = [o.replace("paths.output_dir", "hydra.run.dir") for o in overrides]
-    assert ftx_cli("train", *overrides, timeout=600).returncode == 0
-    out = ftx_cli("eval", str(tmp_path), timeout=300)
+    assert ftx_main("train", *overrides).returncode == 0
+    out = ftx_main("eval", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["quality"]["pair_accuracy"] == read_metrics(tmp_path)["quality"]["pair_accuracy"]
-    out = ftx_cli("generate", str(tmp_path), "--prompt", "Cancel my 2 kettles.", "--max-new-tokens", "4", timeout=300)
+    out = ftx_main("generate", str(tmp_path), "--prompt", "Cancel my 2 kettles.", "--max-new-tokens", "4")
     assert out.returncode == 0 and "Cancel my 2 kettles.\n→ " in out.stdout, out.stderr
 
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-from conftest import ftx_cli, tiny_overrides
+from conftest import ftx_main, tiny_overrides
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -122,16 +122,16 @@ def test_several_devices_in_a_multirun_need_a_spawning_strategy(monkeypatch):
 
 
 def test_a_sweep_with_ddp_is_refused_before_any_trial(tmp_path):
-    out = ftx_cli("sweep", "lora_rank_lr", "trainer.strategy=ddp", "trainer.devices=2", f"hydra.sweep.dir={tmp_path}")
+    out = ftx_main("sweep", "lora_rank_lr", "trainer.strategy=ddp", "trainer.devices=2", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode != 0 and "ddp_spawn" in out.stderr
     assert not list(tmp_path.glob("*/metrics.json")) and not (tmp_path / "optuna.db").exists()
 
 
 def test_sweep_list_and_unknown_name():
-    out = ftx_cli("sweep", "--list", timeout=120)
+    out = ftx_main("sweep", "--list")
     assert out.returncode == 0
     assert all(name in out.stdout for name in ("lora_rank_lr", "quality_vs_vram", "methods_grid"))
-    out = ftx_cli("sweep", "no_such_sweep", timeout=120)
+    out = ftx_main("sweep", "no_such_sweep")
     assert out.returncode == 2 and "lora_rank_lr" in out.stderr
 
 
@@ -248,7 +248,7 @@ def test_memory_budget_makes_big_trials_infeasible(tmp_path):
 def optuna_multirun(study: str, n_trials: int, *overrides: str) -> subprocess.CompletedProcess:
     """`ftx train -m` with ftx's sweeper, the space given on the command line."""
     sweeper = ["hydra/sweeper=ftx_optuna", f"hydra.sweeper.study_name={study}", f"hydra.sweeper.n_trials={n_trials}"]
-    return ftx_cli("train", "-m", *sweeper, *overrides)
+    return ftx_main("train", "-m", *sweeper, *overrides)
 
 
 def test_single_objective_sweep_prunes_a_lagging_trial_and_resumes(tiny_model_dir, tiny_data, tmp_path):
@@ -263,7 +263,7 @@ def test_single_objective_sweep_prunes_a_lagging_trial_and_resumes(tiny_model_di
         "hydra.sweeper.pruner.n_startup_trials=1",
         "hydra.sweeper.pruner.n_warmup_steps=0",
     ]
-    out = ftx_cli("sweep", *args)
+    out = ftx_main("sweep", *args)
     assert out.returncode == 0, out.stderr[-3000:]
     study = load(tmp_path, "lora_rank_lr")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
@@ -282,7 +282,7 @@ def test_single_objective_sweep_prunes_a_lagging_trial_and_resumes(tiny_model_di
     csv = (tmp_path / "trials.csv").read_text()
     assert "pruned" in csv and "sweep_trial.number" in csv.splitlines()[0]
 
-    again = ftx_cli("sweep", *args, "hydra.sweeper.n_trials=3")  # resume: one more trial, none repeated
+    again = ftx_main("sweep", *args, "hydra.sweeper.n_trials=3")  # resume: one more trial, none repeated
     assert again.returncode == 0, again.stderr[-3000:]
     study = load(tmp_path, "lora_rank_lr")
     assert [t.number for t in study.trials] == [0, 1, 2] and study.trials[2].state != TrialState.FAIL
@@ -291,7 +291,7 @@ def test_single_objective_sweep_prunes_a_lagging_trial_and_resumes(tiny_model_di
 
 def test_multi_objective_sweep_writes_a_pareto_front(tiny_model_dir, tiny_data, tmp_path):
     grid = ["optim.lr=choice(0.003)", "hydra.sweeper.n_trials=3"]  # methods only: 3 trials
-    out = ftx_cli("sweep", "methods_grid", *sweep_overrides(tiny_model_dir, tiny_data, tmp_path, steps=2), *grid)
+    out = ftx_main("sweep", "methods_grid", *sweep_overrides(tiny_model_dir, tiny_data, tmp_path, steps=2), *grid)
     assert out.returncode == 0, out.stderr[-3000:]
     study = load(tmp_path, "methods_grid")
     assert len(study.trials) == 3 and all(t.state == TrialState.COMPLETE for t in study.trials)

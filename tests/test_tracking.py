@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ftx_cli, read_metrics, tiny_overrides
+from conftest import ftx_main, read_metrics, tiny_overrides
 
 from ftx.config import compose_config
 from ftx.tracking import wandb_mode
@@ -65,9 +65,7 @@ def test_multirun_jobs_are_separate_wandb_runs_with_a_report(no_wandb_credential
     overrides = [
         o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path) if not o.startswith(("paths.", "logger"))
     ]
-    out = ftx_cli(
-        "train", "-m", "method=full,lora", "logger=wandb", f"hydra.sweep.dir={tmp_path}", *overrides, timeout=600
-    )
+    out = ftx_main("train", "-m", "method=full,lora", "logger=wandb", f"hydra.sweep.dir={tmp_path}", *overrides)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
     assert len(runs) == 2
@@ -140,11 +138,11 @@ def test_pareto_png_is_a_valid_image(tmp_path):
 
 def test_report_cli_prints_the_table_and_refuses_empty_paths(tmp_path):
     write_run(tmp_path, "a", "lora", 8, 0.6, 10 * 2**20)
-    out = ftx_cli("report", str(tmp_path), timeout=120)
+    out = ftx_main("report", str(tmp_path))
     assert out.returncode == 0 and "| ★ | a | lora |" in out.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = ftx_cli("report", str(empty), timeout=120)
+    out = ftx_main("report", str(empty))
     assert out.returncode == 2 and "no run directories" in out.stderr
 
 

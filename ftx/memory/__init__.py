@@ -101,6 +101,27 @@ class PeakMemory:
         except OSError:
             log.warning("cannot reset VmHWM: CPU peak memory includes earlier work")
 
+    def release(self) -> None:
+        """Return memory the work so far freed (on CPU: malloc's free blocks) before
+        the next stage, so that freed-but-kept memory of one stage (the base's
+        scoring) does not sit under the next one's peak. The peak so far is kept."""
+        if self.device == "cpu":
+            _release_free_memory()
+
+    def restart(self) -> None:
+        """Start the high-water mark again from now, keeping the baseline: what
+        happened in between (a calibration) counts only by what it left resident."""
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            return
+        _release_free_memory()
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            log.warning("cannot reset VmHWM: CPU peak memory includes earlier work")
+
     def peak(self) -> dict[str, int | str]:
         """Peak bytes above the baseline taken at ``start()``."""
         if self.device == "cuda":
@@ -112,6 +133,37 @@ class PeakMemory:
                 "device": "cuda",
             }
         return {"peak_bytes": _status_kib("VmHWM") * 1024 - self.baseline, "device": "cpu"}
+
+
+class TensorPeak:
+    """Peak bytes of the tensors alive inside a ``with`` block, as torch's own CPU
+    allocator accounts them (``torch.profiler`` memory events: every allocation and
+    free, in order). This is the quantity the planner's tensor terms predict, and it
+    is the same on every machine: no malloc arenas, page sizes or thread stacks in
+    it. The profiler slows the work inside (it records every op), so tests and
+    benchmarks use this; runs measure resident memory (:class:`PeakMemory`)."""
+
+    def __enter__(self) -> TensorPeak:
+        import gc
+
+        from torch.profiler import ProfilerActivity, profile
+
+        # Garbage of earlier work (a previous run's reference cycles) freed inside
+        # the block would count as negative: free it first.
+        gc.collect()
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+        events = self._profile.profiler.kineto_results.events()
+        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        live = peak = 0
+        for _, change in changes:  # allocations positive, frees negative
+            live += change
+            peak = max(peak, live)
+        self.peak_bytes, self.end_bytes = peak, live
 
 
 def device_of(accelerator: str) -> str:

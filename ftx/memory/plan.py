@@ -29,9 +29,12 @@ and the optimizer's temporaries). Each breakdown item says its size and what of
 it is live at the predicted peak; the live parts add up to the total.
 
 The measured peak (:class:`ftx.memory.PeakMemory`) counts from just before the
-weights load, so the prediction is of the same quantity, plus a stated per-device
-overhead (``plan.cuda_overhead_mb``, ``plan.cpu_overhead_mb``) for what is not a
-model tensor.
+weights load, so the prediction is of the same quantity, plus the runtime's
+overhead for what is not a model tensor: on CUDA ``plan.cuda_overhead_mb``
+(cuBLAS workspaces); on CPU, where the peak is resident memory, what each run
+measures before its weights load (:mod:`ftx.calibration`: first-use memory of the
+kernels, malloc's retention at the run's own shapes), or ``plan.cpu_overhead_mb``
+when set. ``ftx plan`` runs nothing, so its CPU plans leave that term to the run.
 """
 
 from __future__ import annotations
@@ -251,9 +254,30 @@ class Plan:
         return asdict(self) | derived
 
 
-def plan(cfg: DictConfig, base: str | None = None, lengths: list[int] | None = None) -> Plan:
+@dataclass(frozen=True)
+class Overhead:
+    """The runtime's memory besides the model's tensors, as one plan item."""
+
+    bytes: int
+    note: str
+
+
+def configured_overhead(cfg: DictConfig, device: str) -> Overhead:
+    """The overhead a plan assumes without a measurement: ``plan.cuda_overhead_mb``;
+    on CPU ``plan.cpu_overhead_mb`` when set, else none (each run measures its own)."""
+    if device == "cuda":
+        return Overhead(int(cfg.plan.cuda_overhead_mb * MIB), "plan.cuda_overhead_mb")
+    if cfg.plan.cpu_overhead_mb is not None:
+        return Overhead(int(cfg.plan.cpu_overhead_mb * MIB), "plan.cpu_overhead_mb")
+    return Overhead(0, "measured by each CPU run before its weights load (plan.cpu_overhead_mb to assume one)")
+
+
+def plan(
+    cfg: DictConfig, base: str | None = None, lengths: list[int] | None = None, overhead: Overhead | None = None
+) -> Plan:
     """Predict a run of ``cfg``. ``base`` is the resolved base directory when known
-    (ftx train); ``lengths`` the tokenized training examples' lengths when known."""
+    (ftx train); ``lengths`` the tokenized training examples' lengths when known;
+    ``overhead`` the runtime overhead a run measured (else :func:`configured_overhead`)."""
     from ftx.memory import device_of
 
     arch = architecture(transformers_config(cfg, base))
@@ -262,7 +286,7 @@ def plan(cfg: DictConfig, base: str | None = None, lengths: list[int] | None = N
         lengths, estimated = token_lengths(cfg, base)
     device = device_of(cfg.trainer.accelerator)  # the device the run will measure on
     seq = max(lengths)
-    memory, peak_phase = _memory_items(cfg, arch, device, seq)
+    memory, peak_phase = _memory_items(cfg, arch, device, seq, overhead or configured_overhead(cfg, device))
     train = _training_cost(cfg, arch, lengths)
     # The verdict is against the budget, else the GPU's memory; a CPU run without a
     # budget has nothing to be checked against.
@@ -309,11 +333,23 @@ class OverBudget(Exception):
         self.plan = predicted
 
 
-def fits_budget(cfg: DictConfig, base: str | None = None, lengths: list[int] | None = None) -> tuple[bool, Plan]:
+def fits_budget(
+    cfg: DictConfig, base: str | None = None, lengths: list[int] | None = None, overhead: Overhead | None = None
+) -> tuple[bool, Plan]:
     """(fits, plan) against ``plan.budget_gb``; always fits when there is no budget.
     Sweeps call this to skip trials before training."""
-    predicted = plan(cfg, base, lengths)
+    predicted = plan(cfg, base, lengths, overhead)
     return cfg.plan.budget_gb is None or bool(predicted.fits), predicted
+
+
+def tensor_bytes(cfg: DictConfig, config, seq: int) -> int:
+    """The planned peak of the model's tensors alone (no runtime overhead) for a
+    transformers ``config`` trained as ``cfg`` says, at batch × ``seq`` tokens."""
+    from ftx.memory import device_of
+
+    device = device_of(cfg.trainer.accelerator)
+    items, _ = _memory_items(cfg, architecture(config), device, seq, Overhead(0, ""))
+    return sum(item.at_peak for item in items)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -373,7 +409,9 @@ def _artefact_bytes(cfg: DictConfig, arch: Architecture) -> int:
 # ------------------------------------------------------------------------------ memory
 
 
-def _memory_items(cfg: DictConfig, arch: Architecture, device: str, seq: int) -> tuple[list[Item], str]:
+def _memory_items(
+    cfg: DictConfig, arch: Architecture, device: str, seq: int, overhead: Overhead
+) -> tuple[list[Item], str]:
     """The breakdown, and the moment of the peak."""
     method, quant, trainer = cfg.method, cfg.quant, cfg.trainer
     full = method.adapter is None
@@ -398,7 +436,6 @@ def _memory_items(cfg: DictConfig, arch: Architecture, device: str, seq: int) ->
     activations = _activation_bytes(cfg, arch, seq, device) * trainer.batch_size
     logits = 12 * tokens * arch.vocab
     temporaries = _layer_temporaries(cfg, arch, tokens, quantized)
-    overhead = int((cfg.plan.cuda_overhead_mb if device == "cuda" else cfg.plan.cpu_overhead_mb) * MIB)
 
     states_live = 0 if cfg.optim.name == "paged_adamw_8bit" and device == "cuda" else states
     # Lightning zeroes gradients to None after each step: they exist during backward
@@ -451,7 +488,7 @@ def _memory_items(cfg: DictConfig, arch: Architecture, device: str, seq: int) ->
             + (", DoRA's dense B·A" if method.use_dora else "")
             + (", dequantized weight" if quantized else ""),
         ),
-        Item("overhead", f"framework overhead ({device})", overhead, overhead, f"plan.{device}_overhead_mb"),
+        Item("overhead", f"runtime overhead ({device})", overhead.bytes, overhead.bytes, overhead.note),
     ]
     return items, "start of backward" if in_backward else "optimizer step"
 

@@ -89,7 +89,12 @@ def load_tokenizer(cfg: DictConfig, base: str) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    cfg: DictConfig, base: str, device: str = "cpu", head: str = "causal_lm", pad_token_id: int | None = None
+    cfg: DictConfig,
+    base: str,
+    device: str = "cpu",
+    head: str = "causal_lm",
+    pad_token_id: int | None = None,
+    layers: int | None = None,
 ) -> PreTrainedModel:
     """The base model with ``cfg.method`` applied, in train mode, on ``device``
     (loaded there directly: bitsandbytes quantizes while placing weights).
@@ -97,6 +102,8 @@ def load_model(
     ``head``: ``causal_lm``, or ``reward``: a sequence-classification head with one
     output (new, trained in full) on the same backbone, a causal LM or an encoder;
     it reads the score at the last non-pad token, so it needs ``pad_token_id``.
+    ``layers``: load only the first that many decoder layers (the runtime overhead
+    calibration trains such copies; the other layers' weights are not read).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -104,6 +111,8 @@ def load_model(
     auto_class, extra = AutoModelForCausalLM, {}
     if head == "reward":
         auto_class, extra = AutoModelForSequenceClassification, {"num_labels": 1, "pad_token_id": pad_token_id}
+    if layers is not None:
+        extra["config"] = truncated_config(cfg, base, layers)
     model = auto_class.from_pretrained(
         base,
         **extra,
@@ -125,6 +134,22 @@ def load_model(
     # without this, dropout (LoRA's included) would silently stay off.
     model.train()
     return model
+
+
+def truncated_config(cfg: DictConfig, base: str, layers: int):
+    """The base's transformers config cut to its first ``layers`` decoder layers
+    (per-layer lists such as ``layer_types`` cut with it)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        base, local_files_only=not cfg.model.allow_download, trust_remote_code=cfg.model.trust_remote_code
+    )
+    depth = config.num_hidden_layers
+    config.num_hidden_layers = layers
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == depth and key != "architectures":
+            setattr(config, key, value[:layers])
+    return config
 
 
 def apply_lora(cfg: DictConfig, model: PreTrainedModel, quantized: bool, head: str = "causal_lm") -> PreTrainedModel:

@@ -76,6 +76,14 @@ def make_logger(cfg: DictConfig, run_dir: Path):
     )
 
 
+def start_logger(logger: Any) -> Any:
+    """Start the logger's run now rather than at its first use (Lightning's fit start),
+    so that what it holds in this process is there before the run's memory baseline."""
+    if logger and hasattr(logger, "experiment"):
+        logger.experiment  # noqa: B018  (the property starts a W&B run; others create a writer)
+    return logger
+
+
 def multirun_group() -> str | None:
     """In a multirun or sweep, the sweep directory's name: its trials share a W&B group."""
     from hydra.core.hydra_config import HydraConfig

@@ -1,0 +1,209 @@
+"""The runtime overhead of a CPU run, measured by the run before its weights load.
+
+On CUDA the measured peak is torch's own count of tensor bytes
+(``max_memory_allocated``), which the planner predicts term by term. On CPU it is
+resident memory, which holds more than tensors: the runtime's first-use memory
+(OpenMP and oneDNN thread pools and scratch, kernels' code and caches, modules
+imported on first use) and what glibc malloc keeps of freed blocks under its mmap
+threshold, which grows with the sizes the run allocates (batch, length, width).
+None of it is the same on two machines, or for two shapes on one, so no constant
+stands for it (a fixed 60 MiB read +62% on one machine and -33% on another).
+
+Each run measures it instead. After its baseline, it trains two steps of copies of
+its own base cut to 1 and then 2 decoder layers, with the run's method,
+quantization, precision, optimizer and its longest batch, and takes for each what
+resident memory rose above the baseline minus the planner's tensor terms for that
+copy: ``overhead(d) = a + b·d``. ``a`` is what any step of this run costs besides
+tensors, ``b`` what one more layer adds (malloc's retention grows with the blocks a
+layer allocates); extrapolated to the base's depth it is the prediction's overhead
+term. The step is the next-token loss, the one the planner models, whatever the
+objective: the overhead is of the kernels, not of the objective's own tensors.
+
+Costs: loading two shallow copies and twelve steps of at most two layers, before
+the run loads its weights (about 4 s on the default model, 2 cores). Skipped on CUDA,
+when ``plan.cpu_overhead_mb`` is set (an override), for reward heads (the planner
+models a language model's step) and in multi-process runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ftx.memory import PeakMemory
+from ftx.memory.plan import Overhead, tensor_bytes
+
+log = logging.getLogger(__name__)
+
+DEPTHS = (1, 2)
+LENGTHS = (1.0, 0.0, 0.5, 0.75, 0.25, 1.0)
+"""One optimizer step per entry, on a batch of sequences at that quantile of the
+training lengths (1.0: the longest, the batch the planner plans for). malloc's
+retention grows with the variety of sizes a run allocates, which a real run meets
+over hundreds of steps; the spread meets it in six, and the longest batch last
+shows the peak on top of it."""
+
+
+@dataclass
+class Calibration:
+    overhead_bytes: int
+    """Extrapolated to the base's depth: the prediction's overhead term."""
+    fixed_bytes: int
+    """a: the overhead of a step of this run at any depth."""
+    per_layer_bytes: int
+    """b: what one decoder layer adds beyond its tensors (0 when not measurable)."""
+    measured: dict[int, int]
+    """depth -> resident peak above the baseline, bytes."""
+    planned: dict[int, int]
+    """depth -> the planner's tensor terms for that copy, bytes."""
+    seq_len: int
+    """Length of the longest batch (the planned one), tokens."""
+    seconds: float
+
+    def as_overhead(self) -> Overhead:
+        return Overhead(
+            self.overhead_bytes,
+            f"measured: {self.fixed_bytes / 2**20:.1f} MiB + {self.per_layer_bytes / 2**20:.1f} MiB/layer "
+            "(calibration on 1 and 2 layers)",
+        )
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "overhead_bytes": self.overhead_bytes,
+            "fixed_bytes": self.fixed_bytes,
+            "per_layer_bytes": self.per_layer_bytes,
+            "measured_bytes": {str(d): v for d, v in self.measured.items()},
+            "planned_bytes": {str(d): v for d, v in self.planned.items()},
+            "seq_len": self.seq_len,
+            "seconds": self.seconds,
+        }
+
+
+def applies(cfg: DictConfig, memory: PeakMemory, head: str) -> bool:
+    """Whether this run measures its overhead (else the configured one is used)."""
+    single = cfg.trainer.devices in (1, "1") and cfg.trainer.num_nodes == 1
+    return memory.device == "cpu" and cfg.plan.cpu_overhead_mb is None and head == "causal_lm" and single
+
+
+def calibrate(cfg: DictConfig, base: str, rows: list[dict], pad_token_id: int, memory: PeakMemory) -> Calibration:
+    """Measure the overhead (see the module's docstring); ``rows`` are the tokenized
+    training rows, ``memory`` the run's started peak (its baseline is kept, its
+    high-water mark restarted after)."""
+    from ftx.memory.plan import transformers_config
+    from ftx.models import truncated_config
+
+    started = time.perf_counter()
+    batches, seq = calibration_batches(cfg, rows, pad_token_id)
+    depth = transformers_config(cfg, base).num_hidden_layers
+    measured, planned = {}, {}
+    for layers in (d for d in DEPTHS if d <= depth):
+        memory.restart()
+        with _random_state_kept():  # the run's seeded weights and batches do not depend on this
+            _train_steps(cfg, base, layers, batches)
+        measured[layers] = int(memory.peak()["peak_bytes"])
+        planned[layers] = tensor_bytes(cfg, truncated_config(cfg, base, layers), seq)
+    memory.restart()
+    residual = {d: measured[d] - planned[d] for d in measured}
+    per_layer = max(0, residual[2] - residual[1]) if 2 in residual else 0
+    fixed = max(0, residual[1] - per_layer)
+    result = Calibration(
+        overhead_bytes=fixed + per_layer * depth,
+        fixed_bytes=fixed,
+        per_layer_bytes=per_layer,
+        measured=measured,
+        planned=planned,
+        seq_len=seq,
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "runtime overhead on cpu: %.1f MiB + %.1f MiB/layer (measured on 1 and 2 layers in %.1f s)",
+        fixed / 2**20,
+        per_layer / 2**20,
+        result.seconds,
+    )
+    return result
+
+
+def calibration_batches(cfg: DictConfig, rows: list[dict], pad_token_id: int) -> tuple[list[dict], int]:
+    """The batches of LENGTHS (each repeated for gradient accumulation), and the
+    longest length. Sequences are the training rows (either side of a preference
+    pair; a prompt row trains on itself), ``trainer.batch_size`` of them, collated as
+    training collates them."""
+    from ftx.data.tokenized import Collator
+
+    sequences = [side for row in rows for side in ((row["chosen"], row["rejected"]) if "chosen" in row else (row,))]
+    sequences = [s if "labels" in s else {**s, "labels": s["input_ids"]} for s in sequences]
+    ordered = sorted(sequences, key=lambda s: len(s["input_ids"]))
+    size = min(cfg.trainer.batch_size, len(ordered))
+    collate = Collator(pad_token_id, packed=cfg.data.packing)
+    batches = []
+    for quantile in LENGTHS:
+        end = size + round(quantile * (len(ordered) - size))  # the batch_size sequences up to that quantile
+        batches += [collate(ordered[end - size : end])] * cfg.trainer.accumulate_grad_batches
+    return batches, len(ordered[-1]["input_ids"])
+
+
+def _train_steps(cfg: DictConfig, base: str, layers: int, batches: list[dict]) -> None:
+    """Optimizer steps on ``batches`` of the base cut to ``layers``, as the run will train."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ftx.models import load_model
+    from ftx.objectives import sft
+
+    model = load_model(cfg, base, "cpu", layers=layers)
+    module = sft.Module(model, cfg)
+    with _quiet():
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision=cfg.trainer.precision,
+            max_steps=len(LENGTHS),
+            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+            gradient_clip_val=cfg.trainer.gradient_clip_val or None,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, DataLoader(batches, batch_size=None))  # batch_size=None: as collated
+    del trainer, module, model
+    gc.collect()
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """Python's, NumPy's and torch's random state as they were (Lightning seeds all three)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Lightning's start-up lines belong to the run's own Trainer, not this one."""
+    names = ("lightning.pytorch", "lightning.fabric", "transformers.modeling_utils")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,8 @@ LENGTHS = (1.0, 0.0, 0.5, 0.75, 0.25, 1.0)
 training lengths (1.0: the longest, the batch the planner plans for). malloc's
 retention grows with the variety of sizes a run allocates, which a real run meets
 over hundreds of steps; the spread meets it in six, and the longest batch last
-shows the peak on top of it."""
+shows the peak on top of it. A run of fewer steps calibrates on as many (a 2-step
+run meets two sizes, not six: measured +16% over its peak with all six)."""
 
 
 @dataclass
@@ -143,10 +145,18 @@ def calibration_batches(cfg: DictConfig, rows: list[dict], pad_token_id: int) ->
     size = min(cfg.trainer.batch_size, len(ordered))
     collate = Collator(pad_token_id, packed=cfg.data.packing)
     batches = []
-    for quantile in LENGTHS:
+    for quantile in LENGTHS[: _run_steps(cfg, len(rows))]:
         end = size + round(quantile * (len(ordered) - size))  # the batch_size sequences up to that quantile
         batches += [collate(ordered[end - size : end])] * cfg.trainer.accumulate_grad_batches
     return batches, len(ordered[-1]["input_ids"])
+
+
+def _run_steps(cfg: DictConfig, rows: int) -> int:
+    """Optimizer steps the run will take (at least one)."""
+    trainer = cfg.trainer
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    return max(1, trainer.max_epochs * math.ceil(rows / trainer.batch_size) // trainer.accumulate_grad_batches)
 
 
 def _train_steps(cfg: DictConfig, base: str, layers: int, batches: list[dict]) -> None:
@@ -164,7 +174,7 @@ def _train_steps(cfg: DictConfig, base: str, layers: int, batches: list[dict]) -
             accelerator="cpu",
             devices=1,
             precision=cfg.trainer.precision,
-            max_steps=len(LENGTHS),
+            max_steps=len(batches) // cfg.trainer.accumulate_grad_batches,
             accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
             gradient_clip_val=cfg.trainer.gradient_clip_val or None,
             limit_val_batches=0,

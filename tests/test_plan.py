@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import pytest
 from conftest import ftx_main, read_metrics, tiny_overrides
@@ -66,10 +65,20 @@ def test_llama2_7b_known_values():
     assert qlora.peak_bytes < full.peak_bytes / 3
 
 
-def test_plan_for_a_large_family_is_fast_and_says_plainly_it_does_not_fit():
-    started = time.perf_counter()
+def test_plan_for_a_large_family_loads_nothing_and_says_plainly_it_does_not_fit(monkeypatch):
+    """Planning a 70B model reads no weights and no hub: the model is built on the
+    meta device (a check that holds on any machine, unlike a time limit)."""
+    import huggingface_hub
+    import safetensors.torch
+    import torch
+
+    def refused(*args, **kwargs):
+        raise AssertionError("planning must not load or download weights")
+
+    for owner, name in [(safetensors.torch, "load_file"), (torch, "load"), (huggingface_hub, "hf_hub_download")]:
+        monkeypatch.setattr(owner, name, refused)
+    monkeypatch.setattr("transformers.PreTrainedModel.from_pretrained", classmethod(refused))
     done = ftx_main("plan", "model=llama31_70b", "method=full", "plan.budget_gb=24")
-    assert time.perf_counter() - started < 60, "planning must not load or download weights"
     assert done.returncode == 1, done.stderr
     verdict = next(line for line in done.stdout.splitlines() if line.startswith("does not fit"))
     assert "llama31-70b full fine-tune needs" in verdict and "budget 24 GB" in verdict

@@ -105,6 +105,27 @@ def ftx_cli(*args: str, timeout: int = 600, **kwargs) -> subprocess.CompletedPro
     )
 
 
+def script_main(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``scripts/NAME.py ARGS`` in this process (its ``main()`` reads sys.argv), as
+    :func:`ftx_main` runs the CLI: exit code and captured output, sys.argv restored."""
+    module = script_module(name)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, code = list(sys.argv), 0
+    sys.argv[:] = [f"{name}.py", *args]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                module.main()
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv[:] = saved_argv
+    return subprocess.CompletedProcess([name, *args], code, stdout.getvalue(), stderr.getvalue())
+
+
 def ftx_main(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``ftx ARGS`` in this process through ``ftx.cli.main``, as the console script
     does, and return what a subprocess would: the exit code (SystemExit's, 1 for an

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ftx_main, read_metrics, script_module, tiny_overrides
+from conftest import ftx_main, read_metrics, script_main, script_module, tiny_overrides
 from test_train import Snapshot
 from transformers import AutoTokenizer
 
@@ -221,9 +219,8 @@ def test_onpolicy_pairs_take_the_models_own_answers(tiny_model_dir, tmp_path):
     assert chosen == right and rejected not in (right, reference) and rejected.strip()
 
     out = tmp_path / "prefs"
-    script = project_root() / "scripts" / "make_onpolicy_prefs.py"
     args = [str(tiny_model_dir), "--out", str(out), "--train", "3", "--eval", "2", "--samples", "2"]
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    done = script_main("make_onpolicy_prefs", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train: 3 pairs" in done.stdout and "eval: 2 pairs" in done.stdout
     shipped = (project_root() / "datasets" / "json_extract" / "train.jsonl").read_text().splitlines()[:3]

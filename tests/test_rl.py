@@ -6,13 +6,11 @@ refused before training. method=rlhf runs both stages."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, script_module, tiny_overrides
+from conftest import read_metrics, script_main, script_module, tiny_overrides
 from omegaconf import OmegaConf
 from test_objectives import perturb_adapters
 from test_train import Snapshot
@@ -347,10 +345,7 @@ def test_an_encoder_reward_model_scores_the_policy_text_with_its_own_tokenizer(t
     assert torch.equal(scored["reward"], scored["reward.reward_model"])  # no reward functions here
 
     # scripts/probe_reward_model.py scores the ticket against its one-field variants.
-    probe = project_root() / "scripts" / "probe_reward_model.py"
-    done = subprocess.run(
-        [sys.executable, str(probe), str(reward_run), "--examples", "2"], capture_output=True, text=True, timeout=600
-    )
+    done = script_main("probe_reward_model", str(reward_run), "--examples", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     table = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
     assert set(table) == {"intent", "product", "quantity", "urgency"}

@@ -234,6 +234,45 @@ def test_lines_are_located_in_json_arrays_and_csv(tmp_path):
     assert f"{table}:5: 1 more cell(s) than the header has columns" in str(info.value)
 
 
+def test_utf8_with_a_byte_order_mark_and_crlf_read_as_plain_utf8(tmp_path):
+    """Excel's "CSV UTF-8" and many Windows editors write a BOM and CRLF line ends."""
+    rows = [json.loads(line) for line in (EXAMPLES / "prompt_completion.jsonl").read_text().splitlines()]
+    expected = [(r["prompt"], r["completion"]) for r in rows]
+    from datasets import Dataset
+
+    Dataset.from_list(rows).to_csv(tmp_path / "plain.csv", index=False)
+    files = {
+        "d.jsonl": "\r\n".join(json.dumps(r) for r in rows) + "\r\n",
+        "d.json": json.dumps(rows, indent=2).replace("\n", "\r\n"),
+        "d.csv": (tmp_path / "plain.csv").read_text().replace("\n", "\r\n"),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        got = load_records(tmp_path / name, "train", "auto", "refuse").records
+        assert [(e.prompt, e.completion) for e in got] == expected, name
+        second_line = {"d.jsonl": 2, "d.csv": 3}.get(name)  # CRLF counts as one line end
+        assert second_line is None or got[1].source == f"{tmp_path / name}:{second_line}", name
+
+
+def test_a_json_document_named_jsonl_is_one_problem_with_its_fix(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(40)]
+    array = tmp_path / "rows.jsonl"
+    array.write_text(json.dumps(rows, indent=2))
+    with pytest.raises(DataError) as info:
+        load_records(array, "train", "auto", "refuse")
+    message = str(info.value)
+    assert "holds a JSON array, not JSON Lines" in message and "name it rows.json" in message
+    assert "invalid JSON" not in message and "problem(s)" not in message  # one message, not one per line
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text("\n".join(json.dumps(r, indent=2) for r in rows[:3]) + "\n")
+    with pytest.raises(DataError, match=r"pretty.jsonl:1: pretty-printed JSON: JSON Lines needs each row on one line"):
+        load_records(pretty, "train", "auto", "refuse")
+    broken = tmp_path / "broken.jsonl"  # plain bad lines are still reported one by one
+    broken.write_text('{"prompt": "a", "completion": "b"}\nnot json\n{"prompt": "c"\n')
+    with pytest.raises(DataError, match=r"2 problem\(s\)"):
+        load_records(broken, "train", "auto", "refuse")
+
+
 def test_unknown_format_names_the_setting(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n')

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ftx.data.formats import FORMATS, DataError, Example, Format, Preference, describe_formats, detect_format
 from ftx.data.render import IGNORE_INDEX, Renderer
-from ftx.data.sources import BadRow, read_rows
+from ftx.data.sources import BadRow, SourceError, read_rows
 
 __all__ = [
     "IGNORE_INDEX",
@@ -86,7 +86,7 @@ def load_records(source: str, split: str, format_name: str, on_error: str, shown
             problems.extend(f"{where}: {problem}" for problem in row_problems)
             if record is not None:
                 records.append(record)
-    except (FileNotFoundError, KeyError, UnicodeDecodeError) as error:
+    except (FileNotFoundError, KeyError, UnicodeDecodeError, SourceError) as error:
         raise DataError(str(error).strip("'\"")) from None
     if problems and (on_error == "refuse" or fmt is None):
         listed = "\n  ".join(problems[:shown])

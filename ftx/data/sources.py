@@ -28,6 +28,15 @@ class BadRow:
 Row = tuple[str, Any]
 """(location, the row's value or a BadRow)."""
 
+ENCODING = "utf-8-sig"
+"""UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8", many Windows
+editors write one); CRLF line ends are read as LF."""
+
+
+class SourceError(ValueError):
+    """A file that is not what its name says as a whole (a JSON array named .jsonl):
+    one problem with its fix, not one per line."""
+
 
 def read_rows(source: str, split: str) -> Iterator[Row]:
     """Every row of ``source`` with its location; ``split`` picks a split of a
@@ -43,7 +52,8 @@ def read_rows(source: str, split: str) -> Iterator[Row]:
 
 
 def _jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
+    _refuse_json_document(path)
+    with open(path, encoding=ENCODING) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -56,7 +66,7 @@ def _jsonl(path: Path) -> Iterator[Row]:
 def _json(path: Path) -> Iterator[Row]:
     """A JSON array of rows, each located at the line where it starts. Files
     named .json that hold JSON Lines are read as such."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding=ENCODING)
     try:
         json.loads(text)
     except json.JSONDecodeError as error:
@@ -78,6 +88,31 @@ def _json(path: Path) -> Iterator[Row]:
         index = _skip_space(text, index + 1) if text.startswith(",", index) else index
 
 
+def _refuse_json_document(path: Path) -> None:
+    """JSON Lines holds one object per line; a file whose first line does not parse
+    but whose whole text (or first object) does is a JSON document under the wrong
+    name, or pretty-printed rows: say which, once."""
+    with open(path, encoding=ENCODING) as f:
+        first = next((line for line in f if line.strip()), "")
+    if not first or _parses(first):
+        return
+    text = path.read_text(encoding=ENCODING)
+    start = _skip_space(text, 0)
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError:
+        return  # plain bad lines: reported one by one
+    if isinstance(value, list):
+        raise SourceError(
+            f"{path}: this file holds a JSON array, not JSON Lines (one object per line): "
+            f"name it {path.with_suffix('.json').name} (ftx reads a .json array), or write one object per line"
+        )
+    raise SourceError(
+        f"{path}:1: pretty-printed JSON: JSON Lines needs each row on one line "
+        f"(e.g. jq -c . {path.name} > compact.jsonl)"
+    )
+
+
 def _parses(line: str) -> bool:
     try:
         json.loads(line)
@@ -94,7 +129,7 @@ def _skip_space(text: str, index: int) -> int:
 
 def _csv(path: Path) -> Iterator[Row]:
     """Rows keyed by the header; cells are strings (text formats only)."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=ENCODING, newline="") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
         for row in reader:

@@ -7,7 +7,8 @@ resident memory, which holds more than tensors: the runtime's first-use memory
 imported on first use) and what glibc malloc keeps of freed blocks under its mmap
 threshold, which grows with the sizes the run allocates (batch, length, width).
 None of it is the same on two machines, or for two shapes on one, so no constant
-stands for it (a fixed 60 MiB read +62% on one machine and -33% on another).
+stands for it (a fixed 60 MiB read +62% on one machine, and -33% for the default
+run on another).
 
 Each run measures it instead. After its baseline, it trains two steps of copies of
 its own base cut to 1 and then 2 decoder layers, with the run's method,
@@ -16,8 +17,11 @@ resident memory rose above the baseline minus the planner's tensor terms for tha
 copy: ``overhead(d) = a + b·d``. ``a`` is what any step of this run costs besides
 tensors, ``b`` what one more layer adds (malloc's retention grows with the blocks a
 layer allocates); extrapolated to the base's depth it is the prediction's overhead
-term. The step is the next-token loss, the one the planner models, whatever the
-objective: the overhead is of the kernels, not of the objective's own tensors.
+term. As the planner's tensor terms are linear in depth, the resulting prediction
+is the straight line through the two measured peaks (3·peak(2) − 2·peak(1) for 4
+layers): the planner's terms give the breakdown, the measurement the total. The
+step is the next-token loss, the one the planner models, whatever the objective:
+the overhead is of the kernels, not of the objective's own tensors.
 
 Costs: loading two shallow copies and twelve steps of at most two layers, before
 the run loads its weights (about 4 s on the default model, 2 cores). Skipped on CUDA,

@@ -146,16 +146,26 @@ def test_planned_tensors_match_torchs_own_accounting(method, tiny_model_dir, tin
     )
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_a_cpu_run_measures_its_runtime_overhead_before_loading_weights(method, tiny_model_dir, tiny_data, tmp_path):
+PREFERENCES = ["objective=dpo", "data=json_prefs", "data.eval_examples=2"]  # the shipped pairs
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"), [("lora", []), ("qlora", []), ("lora", PREFERENCES)], ids=["lora", "qlora", "dpo"]
+)
+def test_a_cpu_run_measures_its_runtime_overhead_before_loading_weights(
+    method, extra, tiny_model_dir, tiny_data, tmp_path
+):
     """Without plan.cpu_overhead_mb, the run trains copies of its base cut to 1 and 2
     layers and predicts with what they measured; the planned tensor terms of each
-    copy are the planner's own, and a stated overhead replaces the measurement."""
+    copy are the planner's own, and a stated overhead replaces the measurement.
+    (DPO: the copies train on the pairs' longest sides.)"""
     from ftx.calibration import DEPTHS
     from ftx.memory.plan import tensor_bytes, token_lengths
     from ftx.models import truncated_config
 
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path) if not o.startswith("plan.")]
+    if extra:
+        overrides = [o for o in overrides if not o.startswith(("data.train_file", "data.eval_file"))] + extra
     cfg = compose_config([*overrides, f"method={method}", "trainer.save_checkpoints=false"])
     calibrated = train(cfg)
     memory = calibrated["memory"]

@@ -1,13 +1,17 @@
 """Predicted against measured peak memory, per method, on a Llama built from config.
 
     python scripts/bench_memory.py                      # GPU: hidden 1024, 8 layers, bf16-mixed
-    python scripts/bench_memory.py --device cpu --hidden 256 --layers 2 --steps 2
+    python scripts/bench_memory.py --device cpu --hidden 256 --layers 4 --vocab 8192 --batch 16 --steps 20
 
 Builds a randomly initialised Llama of the given shape (no download; the tokenizer
 is trained on the shipped data, the model's vocabulary may be larger), then runs
 ``ftx train`` for each method in a fresh process, as a user would, and prints a
 markdown table of ``memory.predicted_bytes`` against ``memory.peak_bytes`` from
 each run's metrics.json. Extra arguments are passed to every run as overrides.
+
+The prediction is for a run's longest batch; on CPU give enough steps to meet it
+(a run of 2 random batches rarely does, and then reads below its prediction).
+Results: docs/MEMORY.md, "Accuracy".
 """
 
 from __future__ import annotations

@@ -63,3 +63,7 @@ def test_default_experiment_pretrains_its_base_once_then_fine_tunes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "pretraining ftx base" in first.stdout + first.stderr
     assert "pretraining ftx base" not in second.stdout + second.stderr
+    # The same numbers whether the run built its base or found it cached.
+    again = json.loads((tmp_path / "second" / "metrics.json").read_text())
+    assert again["train"]["final_loss"] == metrics["train"]["final_loss"]
+    assert again["quality"]["eval_loss"] == metrics["quality"]["eval_loss"]

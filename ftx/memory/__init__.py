@@ -77,6 +77,14 @@ def _release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
+def _reset_high_water_mark() -> None:
+    """VmHWM back to the current RSS."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        log.warning("cannot reset VmHWM: CPU peak memory includes earlier work")
+
+
 class PeakMemory:
     """Peak memory of the work between ``start()`` and ``peak()`` on one device."""
 
@@ -96,10 +104,7 @@ class PeakMemory:
             log.warning("could not set malloc's mmap threshold: CPU peak memory will read high")
         _release_free_memory()
         self.baseline = _status_kib("VmRSS") * 1024
-        try:
-            _CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
-        except OSError:
-            log.warning("cannot reset VmHWM: CPU peak memory includes earlier work")
+        _reset_high_water_mark()
 
     def release(self) -> None:
         """Return memory the work so far freed (on CPU: malloc's free blocks) before
@@ -117,10 +122,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             return
         _release_free_memory()
-        try:
-            _CLEAR_REFS.write_text("5")
-        except OSError:
-            log.warning("cannot reset VmHWM: CPU peak memory includes earlier work")
+        _reset_high_water_mark()
 
     def peak(self) -> dict[str, int | str]:
         """Peak bytes above the baseline taken at ``start()``."""

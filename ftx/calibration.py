@@ -10,18 +10,19 @@ None of it is the same on two machines, or for two shapes on one, so no constant
 stands for it (a fixed 60 MiB read +62% on one machine, and -33% for the default
 run on another).
 
-Each run measures it instead. After its baseline, it trains two steps of copies of
-its own base cut to 1 and then 2 decoder layers, with the run's method,
-quantization, precision, optimizer and its longest batch, and takes for each what
-resident memory rose above the baseline minus the planner's tensor terms for that
-copy: ``overhead(d) = a + b·d``. ``a`` is what any step of this run costs besides
-tensors, ``b`` what one more layer adds (malloc's retention grows with the blocks a
-layer allocates); extrapolated to the base's depth it is the prediction's overhead
-term. As the planner's tensor terms are linear in depth, the resulting prediction
-is the straight line through the two measured peaks (3·peak(2) − 2·peak(1) for 4
-layers): the planner's terms give the breakdown, the measurement the total. The
-step is the next-token loss, the one the planner models, whatever the objective:
-the overhead is of the kernels, not of the objective's own tensors.
+Each run measures it instead. After its baseline, it trains copies of its own base
+cut to 1 and then 2 decoder layers, with the run's method, quantization, precision
+and optimizer, six steps each on batches of its own data from the shortest to the
+longest (LENGTHS), and takes for each what resident memory rose above the baseline
+minus the planner's tensor terms for that copy: ``overhead(d) = a + b·d``. ``a`` is
+what any step of this run costs besides tensors, ``b`` what one more layer adds
+(malloc's retention grows with the blocks a layer allocates); extrapolated to the
+base's depth it is the prediction's overhead term. As the planner's tensor terms are
+linear in depth, the resulting prediction is the straight line through the two
+measured peaks (3·peak(2) − 2·peak(1) for 4 layers): the planner's terms give the
+breakdown, the measurement the total. The step is the next-token loss, the one the
+planner models, whatever the objective: the overhead is of the kernels, not of the
+objective's own tensors.
 
 Costs: loading two shallow copies and twelve steps of at most two layers, before
 the run loads its weights (about 4 s on the default model, 2 cores). Skipped on CUDA,
@@ -34,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -109,11 +109,12 @@ def calibrate(cfg: DictConfig, base: str, rows: list[dict], pad_token_id: int, m
     depth = transformers_config(cfg, base).num_hidden_layers
     measured, planned = {}, {}
     for layers in (d for d in DEPTHS if d <= depth):
+        config = truncated_config(cfg, base, layers)
         memory.restart()
         with _random_state_kept():  # the run's seeded weights and batches do not depend on this
-            _train_steps(cfg, base, layers, batches)
+            _train_steps(cfg, base, config, batches)
         measured[layers] = int(memory.peak()["peak_bytes"])
-        planned[layers] = tensor_bytes(cfg, truncated_config(cfg, base, layers), seq)
+        planned[layers] = tensor_bytes(cfg, config, seq)
     memory.restart()
     residual = {d: measured[d] - planned[d] for d in measured}
     per_layer = max(0, residual[2] - residual[1]) if 2 in residual else 0
@@ -141,37 +142,30 @@ def calibration_batches(cfg: DictConfig, rows: list[dict], pad_token_id: int) ->
     longest length. Sequences are the training rows (either side of a preference
     pair; a prompt row trains on itself), ``trainer.batch_size`` of them, collated as
     training collates them."""
-    from ftx.data.tokenized import Collator
+    from ftx.data.tokenized import Collator, training_sequences
+    from ftx.memory.plan import training_steps
 
-    sequences = [side for row in rows for side in ((row["chosen"], row["rejected"]) if "chosen" in row else (row,))]
-    sequences = [s if "labels" in s else {**s, "labels": s["input_ids"]} for s in sequences]
+    sequences = [s if "labels" in s else {**s, "labels": s["input_ids"]} for s in training_sequences(rows)]
     ordered = sorted(sequences, key=lambda s: len(s["input_ids"]))
     size = min(cfg.trainer.batch_size, len(ordered))
     collate = Collator(pad_token_id, packed=cfg.data.packing)
     batches = []
-    for quantile in LENGTHS[: _run_steps(cfg, len(rows))]:
+    for quantile in LENGTHS[: max(1, int(training_steps(cfg.trainer, len(rows))))]:
         end = size + round(quantile * (len(ordered) - size))  # the batch_size sequences up to that quantile
         batches += [collate(ordered[end - size : end])] * cfg.trainer.accumulate_grad_batches
     return batches, len(ordered[-1]["input_ids"])
 
 
-def _run_steps(cfg: DictConfig, rows: int) -> int:
-    """Optimizer steps the run will take (at least one)."""
-    trainer = cfg.trainer
-    if trainer.max_steps > 0:
-        return trainer.max_steps
-    return max(1, trainer.max_epochs * math.ceil(rows / trainer.batch_size) // trainer.accumulate_grad_batches)
-
-
-def _train_steps(cfg: DictConfig, base: str, layers: int, batches: list[dict]) -> None:
-    """Optimizer steps on ``batches`` of the base cut to ``layers``, as the run will train."""
+def _train_steps(cfg: DictConfig, base: str, config, batches: list[dict]) -> None:
+    """Optimizer steps on ``batches`` of the base built from ``config`` (cut to fewer
+    layers), as the run will train."""
     import lightning as L
     from torch.utils.data import DataLoader
 
     from ftx.models import load_model
     from ftx.objectives import sft
 
-    model = load_model(cfg, base, "cpu", layers=layers)
+    model = load_model(cfg, base, "cpu", config=config)
     module = sft.Module(model, cfg)
     with _quiet():
         trainer = L.Trainer(

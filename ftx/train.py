@@ -340,10 +340,9 @@ def _sequence_lengths(dataset) -> list[int]:
     """Token lengths of the training sequences (both sides of preference pairs).
     The planner models an SFT step; for pairs (2B sequences a step, and DPO's
     reference pass) its prediction is a lower bound."""
-    rows = dataset.rows
-    if rows and "chosen" in rows[0]:
-        return [len(row[side]["input_ids"]) for row in rows for side in ("chosen", "rejected")]
-    return [len(row["input_ids"]) for row in rows]
+    from ftx.data.tokenized import training_sequences
+
+    return [len(sequence["input_ids"]) for sequence in training_sequences(dataset.rows)]
 
 
 def _chosen_side(stats):

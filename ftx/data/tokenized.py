@@ -237,6 +237,12 @@ def stats_table(splits: dict[str, SplitStats], batch_size: int, max_length: int)
     return "\n".join(lines) + f"\n\n(max_length {max_length}; truncated examples are cut at it)"
 
 
+def training_sequences(rows: list[dict]) -> list[dict[str, list[int]]]:
+    """The sequences a split's rows train on: the row itself, or both sides of a
+    preference pair (:class:`PairSplit`)."""
+    return [side for row in rows for side in ((row["chosen"], row["rejected"]) if "chosen" in row else (row,))]
+
+
 class PairSplit:
     """Preference pairs as rows {"chosen": row, "rejected": row}, each side tokenized
     (and cached) like an SFT example whose response is the trained part."""

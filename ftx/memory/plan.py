@@ -692,6 +692,14 @@ def _local_tokenizer(cfg: DictConfig, base: str | None):
         return None
 
 
+def training_steps(trainer: DictConfig, sequences: int) -> float:
+    """Optimizer steps of a run over ``sequences`` training rows: ``max_steps``, or
+    the epochs' batches over the accumulation."""
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    return trainer.max_epochs * math.ceil(sequences / trainer.batch_size) / trainer.accumulate_grad_batches
+
+
 def _training_cost(cfg: DictConfig, arch: Architecture, lengths: list[int]) -> dict[str, float]:
     """Tokens, FLOPs and seconds of the configured training.
 
@@ -704,10 +712,7 @@ def _training_cost(cfg: DictConfig, arch: Architecture, lengths: list[int]) -> d
     """
     trainer, method = cfg.trainer, cfg.method
     mean = sum(lengths) / len(lengths)
-    if trainer.max_steps > 0:
-        steps = trainer.max_steps
-    else:
-        steps = trainer.max_epochs * math.ceil(len(lengths) / trainer.batch_size) / trainer.accumulate_grad_batches
+    steps = training_steps(trainer, len(lengths))
     tokens = steps * trainer.batch_size * trainer.accumulate_grad_batches * mean
     matmul = sum(lin.d_in * lin.d_out for lin in arch.linears)
     attention = 12 * arch.layers * arch.heads * arch.head_dim * mean

@@ -94,7 +94,7 @@ def load_model(
     device: str = "cpu",
     head: str = "causal_lm",
     pad_token_id: int | None = None,
-    layers: int | None = None,
+    config=None,
 ) -> PreTrainedModel:
     """The base model with ``cfg.method`` applied, in train mode, on ``device``
     (loaded there directly: bitsandbytes quantizes while placing weights).
@@ -102,8 +102,9 @@ def load_model(
     ``head``: ``causal_lm``, or ``reward``: a sequence-classification head with one
     output (new, trained in full) on the same backbone, a causal LM or an encoder;
     it reads the score at the last non-pad token, so it needs ``pad_token_id``.
-    ``layers``: load only the first that many decoder layers (the runtime overhead
-    calibration trains such copies; the other layers' weights are not read).
+    ``config``: a transformers config to build instead of the base's own (the
+    runtime overhead calibration's :func:`truncated_config`: the weights of layers
+    it cuts are not read).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -111,8 +112,8 @@ def load_model(
     auto_class, extra = AutoModelForCausalLM, {}
     if head == "reward":
         auto_class, extra = AutoModelForSequenceClassification, {"num_labels": 1, "pad_token_id": pad_token_id}
-    if layers is not None:
-        extra["config"] = truncated_config(cfg, base, layers)
+    if config is not None:
+        extra["config"] = config
     model = auto_class.from_pretrained(
         base,
         **extra,

@@ -105,58 +105,55 @@ def ftx_cli(*args: str, timeout: int = 600, **kwargs) -> subprocess.CompletedPro
     )
 
 
+def as_process(command: list[str], call) -> subprocess.CompletedProcess:
+    """``call()`` in this process, returned as a subprocess would be: the exit code
+    (SystemExit's; 1 for an uncaught exception, its traceback on stderr) and the
+    captured stdout and stderr."""
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            call()
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            if not isinstance(done.code, int | None):
+                print(done.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(command, code, stdout.getvalue(), stderr.getvalue())
+
+
 def script_main(name: str, *args: str) -> subprocess.CompletedProcess:
     """Run ``scripts/NAME.py ARGS`` in this process (its ``main()`` reads sys.argv), as
-    :func:`ftx_main` runs the CLI: exit code and captured output, sys.argv restored."""
+    :func:`ftx_main` runs the CLI; sys.argv restored."""
     module = script_module(name)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    saved_argv, code = list(sys.argv), 0
+    saved_argv = list(sys.argv)
     sys.argv[:] = [f"{name}.py", *args]
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                module.main()
-            except SystemExit as done:
-                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-            except Exception:
-                traceback.print_exc()
-                code = 1
+        return as_process([name, *args], module.main)
     finally:
         sys.argv[:] = saved_argv
-    return subprocess.CompletedProcess([name, *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def ftx_main(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``ftx ARGS`` in this process through ``ftx.cli.main``, as the console script
-    does, and return what a subprocess would: the exit code (SystemExit's, 1 for an
-    uncaught exception, with its traceback on stderr) and the captured output.
-    ``env`` replaces the environment for the call, ``cwd`` the working directory;
-    sys.argv, Hydra's global state and the logging handlers a run adds are restored."""
+    does, and return what a subprocess would (:func:`as_process`). ``env`` replaces
+    the environment for the call, ``cwd`` the working directory; sys.argv, Hydra's
+    global state and the logging handlers a run adds are restored."""
     from hydra.core.global_hydra import GlobalHydra
 
     from ftx.cli import main
 
-    stdout, stderr = io.StringIO(), io.StringIO()
     saved_argv, saved_env, saved_cwd = list(sys.argv), dict(os.environ), os.getcwd()
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
-    code = 0
     try:
         if env is not None:
             os.environ.clear()
             os.environ.update(env)
         if cwd is not None:
             os.chdir(cwd)
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                main(list(args))
-            except SystemExit as done:
-                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-                if not isinstance(done.code, int | None):
-                    print(done.code, file=sys.stderr)
-            except Exception:
-                traceback.print_exc()
-                code = 1
+        return as_process(["ftx", *args], lambda: main(list(args)))
     finally:
         sys.argv[:] = saved_argv
         os.environ.clear()
@@ -168,4 +165,3 @@ def ftx_main(*args: str, env: dict[str, str] | None = None, cwd: Path | None = N
             handler.close()
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
-    return subprocess.CompletedProcess(["ftx", *args], code, stdout.getvalue(), stderr.getvalue())

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from ftx.data.formats import FORMATS, DataError, Example, Format, Preference, describe_formats, detect_format
+from ftx.data.formats import (
+    FORMATS,
+    SHOWN_PROBLEMS,
+    DataError,
+    Example,
+    Format,
+    Preference,
+    describe_formats,
+    detect_format,
+    problems_error,
+)
 from ftx.data.render import IGNORE_INDEX, Renderer
 from ftx.data.sources import BadRow, SourceError, read_rows
 
@@ -35,8 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SHOWN_PROBLEMS = 20
 
 
 @dataclass
@@ -89,10 +97,7 @@ def load_records(source: str, split: str, format_name: str, on_error: str, shown
     except (FileNotFoundError, KeyError, UnicodeDecodeError, SourceError) as error:
         raise DataError(str(error).strip("'\"")) from None
     if problems and (on_error == "refuse" or fmt is None):
-        listed = "\n  ".join(problems[:shown])
-        more = f"\n  … and {len(problems) - shown} more" if len(problems) > shown else ""
-        fix = "Fix these rows, or set data.on_error=skip to drop them (the count is reported)."
-        raise DataError(f"{len(problems)} problem(s) in {source}:\n  {listed}{more}\n{fix}")
+        raise problems_error(source, problems, shown)
     if problems:
         log.warning("%s: skipped %d invalid row(s) (data.on_error=skip), first: %s", source, len(problems), problems[0])
     if not records:

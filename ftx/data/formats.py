@@ -14,6 +14,7 @@ its line. Formats are named in ``data.format`` or detected from a row's keys.
 | `prompt_completion` | `{"prompt": "...", "completion": "..."}` (text, or message lists)   |
 | `text`              | `{"text": "..."}` (every token trained)                             |
 | `chat`              | OpenAI fine-tuning: `{"messages": [{"role", "content", "weight"?}]}` |
+|                     | with tools: `"tools"` (or `"functions"`), `tool_calls`, `tool` turns |
 | `alpaca`            | `{"instruction", "input"?, "output", "system"?}`                    |
 | `sharegpt`          | `{"conversations": [{"from": "human"/"gpt"/"system", "value"}]}`    |
 | `preference`        | TRL: `{"prompt"?, "chosen", "rejected"}`, text or message lists     |
@@ -22,11 +23,13 @@ its line. Formats are named in ``data.format`` or detected from a row's keys.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
+OPENAI_ROLES = {role: role for role in ROLES} | {"function": "tool"}  # a legacy function result is a tool turn
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -46,6 +49,17 @@ class DataError(ValueError):
     """Bad data; the message lists file:line and reason for every problem found."""
 
 
+SHOWN_PROBLEMS = 20
+
+
+def problems_error(source: str, problems: list[str], shown: int = SHOWN_PROBLEMS) -> DataError:
+    """One error listing the first ``shown`` problems (each "file:line: reason") and the fix."""
+    listed = "\n  ".join(problems[:shown])
+    more = f"\n  … and {len(problems) - shown} more" if len(problems) > shown else ""
+    fix = "Fix these rows, or set data.on_error=skip to drop them (the count is reported)."
+    return DataError(f"{len(problems)} problem(s) in {source}:\n  {listed}{more}\n{fix}")
+
+
 @dataclass
 class Example:
     """One supervised example. Exactly one shape is set:
@@ -61,7 +75,10 @@ class Example:
     prompt: str | None = None
     completion: str | None = None
     messages: list[dict[str, Any]] | None = None
-    """[{"role", "content", "weight"}], weight 0 or 1 (assistant turns only)."""
+    """[{"role", "content", "weight", ...}], weight 0 or 1 (assistant turns only);
+    content None on an assistant turn that only calls tools (``tool_calls``)."""
+    tools: list[dict[str, Any]] | None = None
+    """The conversation's tools (OpenAI's top-level ``tools``), passed to the template."""
 
     @property
     def is_chat(self) -> bool:
@@ -71,7 +88,7 @@ class Example:
         """What a perfect model would generate: the last assistant turn or the completion."""
         if self.messages is None:
             return self.completion
-        return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
+        return next(m["content"] or "" for m in reversed(self.messages) if m["role"] == "assistant")
 
     def prompt_messages(self) -> list[dict[str, Any]]:
         """The conversation before its last assistant turn (what generation continues)."""
@@ -91,6 +108,7 @@ class Preference:
     prompt: str | list[dict[str, Any]]
     chosen: str | list[dict[str, Any]]
     rejected: str | list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
 
     def as_examples(self) -> tuple[Example, Example]:
         """The chosen and the rejected continuation as SFT examples (response trained)."""
@@ -99,7 +117,7 @@ class Preference:
     def _example(self, response: str | list[dict[str, Any]]) -> Example:
         if isinstance(response, str):
             return Example(self.source, prompt=self.prompt, completion=response)
-        return Example(self.source, messages=[*self.prompt, *response])
+        return Example(self.source, messages=[*self.prompt, *response], tools=self.tools)
 
 
 Parsed = tuple[Example | Preference | None, list[str]]
@@ -134,14 +152,18 @@ def parse_messages(
     role_names: dict[str, str] | None = None,
     need_assistant: bool = True,
 ) -> list[dict[str, Any]] | None:
-    """Validate a message list; normalise to [{"role", "content", "weight"}]."""
+    """Validate a message list; normalise to [{"role", "content", "weight"}] plus,
+    where given, the keys chat templates read (:data:`TEMPLATE_KEYS`): OpenAI's
+    ``tool_calls`` (arguments decoded from their JSON string, as inference servers
+    pass them to templates), ``tool_call_id`` and ``name``. An assistant turn that
+    calls tools may have no content (``None``)."""
     if not isinstance(value, list):
         problems.append(f"{key!r} must be a list of messages, got {type(value).__name__}")
         return None
     if not value:
         problems.append(f"{key!r} is empty")
         return None
-    allowed = role_names or {role: role for role in ROLES}
+    allowed = role_names or OPENAI_ROLES
     messages, before = [], len(problems)
     for index, message in enumerate(value):
         where = f"{key}[{index}]"
@@ -153,17 +175,20 @@ def parse_messages(
             shown = ", ".join(sorted(allowed))
             problems.append(f"{where}: unknown {role_key} {role!r} (expected one of: {shown})")
             continue
-        content = _text(message, content_key, problems, where=f"{where}.")
+        role = allowed[role]
+        extra = _template_keys(message, role, where, problems)
+        calls = bool(extra.get("tool_calls"))
+        content = _content(message, content_key, problems, where, optional=calls)
         # Assistant turns train unless weighted 0; other turns never carry a weight.
         # (Arrow-backed datasets give rows without a weight a weight of None.)
         weighted = message.get("weight") is not None
-        weight = message["weight"] if weighted else int(allowed[role] == "assistant")
+        weight = message["weight"] if weighted else int(role == "assistant")
         if weighted and (weight not in (0, 1) or isinstance(weight, bool)):
             problems.append(f"{where}.weight must be 0 or 1, got {weight!r}")
-        elif weighted and allowed[role] != "assistant":
+        elif weighted and role != "assistant":
             problems.append(f"{where}.weight is only meaningful on assistant turns (role {role!r})")
-        if content is not None:
-            messages.append({"role": allowed[role], "content": content, "weight": int(weight)})
+        if content is not None or calls:
+            messages.append({"role": role, "content": content, "weight": int(weight), **extra})
     if len(problems) > before:
         return None
     assistant = [m for m in messages if m["role"] == "assistant"]
@@ -176,6 +201,116 @@ def parse_messages(
     return messages
 
 
+TEMPLATE_KEYS = ("tool_calls", "tool_call_id", "name")
+"""Message keys besides role and content that reach the chat template."""
+
+
+def _content(message: dict, key: str, problems: list[str], where: str, optional: bool) -> str | None:
+    """A message's text: a string, or OpenAI's list of text parts (joined with
+    newlines, as vLLM joins them for string templates). ``optional``: may be absent
+    or null (an assistant turn that only calls tools)."""
+    value = message.get(key)
+    if value is None:
+        if not optional:
+            problems.append(f"missing {where}.{key}")
+        return None
+    if isinstance(value, list):
+        texts = []
+        for number, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                problems.append(
+                    f'{where}.{key}[{number}] is a {kind!r} part: only text parts ({{"type": "text", '
+                    f'"text": ...}}) can be trained'
+                )
+                return None
+            texts.append(part["text"])
+        value = "\n".join(texts)
+    if not isinstance(value, str):
+        problems.append(f"{where}.{key} must be a string or a list of text parts, got {type(value).__name__}")
+        return None
+    if not value.strip() and not optional:
+        problems.append(f"{where}.{key} is empty")
+        return None
+    return value if value.strip() else None
+
+
+def _template_keys(message: dict, role: str, where: str, problems: list[str]) -> dict[str, Any]:
+    """tool_calls (an assistant's; the legacy function_call becomes one), tool_call_id
+    (a tool result's) and name, checked; a legacy "function" result is a tool message."""
+    extra: dict[str, Any] = {}
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                problems.append(f"{where}.{key} must be a string, got {type(message[key]).__name__}")
+            else:
+                extra[key] = message[key]
+    if "tool_call_id" in extra and role != "tool":
+        problems.append(f"{where}.tool_call_id belongs on tool messages (role {role!r})")
+    calls = message.get("tool_calls")
+    if message.get("function_call") is not None:
+        if calls is not None:
+            problems.append(f"{where} has both tool_calls and the legacy function_call: keep one")
+            return extra
+        calls = [{"type": "function", "function": message["function_call"]}]
+    if calls is None:
+        return extra
+    if role != "assistant":
+        problems.append(f"{where}.tool_calls: only assistant turns call tools (role {role!r})")
+        return extra
+    if not isinstance(calls, list) or not calls:
+        problems.append(f"{where}.tool_calls must be a non-empty list of calls")
+        return extra
+    normalised = []
+    for number, call in enumerate(calls):
+        at = f"{where}.tool_calls[{number}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            problems.append(f'{at} must be {{"type": "function", "function": {{"name": ..., "arguments": ...}}}}')
+            continue
+        if call.get("type", "function") != "function":
+            problems.append(f"{at}.type must be 'function', got {call['type']!r}")
+            continue
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as error:
+                problems.append(f"{at}.function.arguments is not valid JSON ({error.msg} at character {error.pos})")
+                continue
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        normalised.append(entry)
+    extra["tool_calls"] = normalised
+    return extra
+
+
+def parse_tools(row: dict, problems: list[str], where: str = "") -> list[dict[str, Any]] | None:
+    """A row's top-level tools in OpenAI's form ([{"type": "function", "function":
+    {"name", "description"?, "parameters"?}}]), or the legacy ``functions`` list
+    turned into it; None when the row declares none."""
+    tools, legacy = row.get("tools"), row.get("functions")
+    if tools is not None and legacy is not None:
+        problems.append(f"{where}both 'tools' and the legacy 'functions': keep one")
+        return None
+    if legacy is not None:
+        tools = [{"type": "function", "function": f} for f in legacy] if isinstance(legacy, list) else legacy
+    if tools is None:
+        return None
+    name = f"{where}{'tools' if legacy is None else 'functions'}"
+    if not isinstance(tools, list):
+        problems.append(f"{name!r} must be a list of tools, got {type(tools).__name__}")
+        return None
+    for number, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            problems.append(
+                f'{name}[{number}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}'
+            )
+    return tools or None
+
+
 # ----------------------------------------------------------------------- formats
 
 
@@ -185,9 +320,10 @@ def parse_prompt_completion(row: dict, where: str) -> Parsed:
         # TRL's conversational prompt-completion: message lists on both sides.
         prompt = parse_messages(row.get("prompt"), problems, key="prompt", need_assistant=False)
         completion = parse_messages(row.get("completion"), problems, key="completion")
-        if prompt is None or completion is None:
+        tools = parse_tools(row, problems)
+        if prompt is None or completion is None or problems:
             return None, problems
-        return Example(where, messages=prompt + completion), problems
+        return Example(where, messages=prompt + completion, tools=tools), problems
     prompt = _text(row, "prompt", problems)
     completion = _text(row, "completion", problems)
     return (Example(where, prompt=prompt, completion=completion) if not problems else None), problems
@@ -204,7 +340,8 @@ def parse_chat(row: dict, where: str) -> Parsed:
     if "messages" not in row:
         return None, ["missing 'messages'"]
     messages = parse_messages(row["messages"], problems)
-    return (Example(where, messages=messages) if messages else None), problems
+    tools = parse_tools(row, problems)
+    return (Example(where, messages=messages, tools=tools) if messages and not problems else None), problems
 
 
 def parse_alpaca(row: dict, where: str) -> Parsed:
@@ -270,7 +407,7 @@ def parse_preference(row: dict, where: str) -> Parsed:
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     if prompt is None:
         return None, problems
-    return _pair(where, prompt, chosen, rejected, problems)
+    return _pair(where, prompt, chosen, rejected, problems, parse_tools(row, problems))
 
 
 def parse_openai_preference(row: dict, where: str) -> Parsed:
@@ -278,9 +415,10 @@ def parse_openai_preference(row: dict, where: str) -> Parsed:
     source = row.get("input")
     if not isinstance(source, dict) or "messages" not in source:
         problems.append("missing 'input.messages'")
-        prompt = None
+        prompt = tools = None
     else:
         prompt = parse_messages(source["messages"], problems, key="input.messages", need_assistant=False)
+        tools = parse_tools(source, problems, where="input.")
     chosen = rejected = None
     for key in ("preferred_output", "non_preferred_output"):
         if key not in row:
@@ -293,15 +431,17 @@ def parse_openai_preference(row: dict, where: str) -> Parsed:
             rejected = output
     if prompt is None or chosen is None or rejected is None:
         return None, problems
-    return _pair(where, prompt, chosen, rejected, problems)
+    return _pair(where, prompt, chosen, rejected, problems, tools)
 
 
-def _pair(where: str, prompt: Any, chosen: Any, rejected: Any, problems: list[str]) -> Parsed:
+def _pair(
+    where: str, prompt: Any, chosen: Any, rejected: Any, problems: list[str], tools: list | None = None
+) -> Parsed:
     if problems or prompt is None or chosen is None or rejected is None:
         return None, problems
     if chosen == rejected:
         return None, ["'chosen' is identical to 'rejected': the pair teaches nothing"]
-    return Preference(where, prompt, chosen, rejected), problems
+    return Preference(where, prompt, chosen, rejected, tools), problems
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,15 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
             cfg.data.max_length,
             train_stats.longest,
         )
+    if train_stats.untrained:
+        more = train_stats.untrained - len(train_stats.untrained_at)
+        log.warning(
+            "%d training example(s) have no trained token left after truncation to data.max_length=%d: %s%s",
+            train_stats.untrained,
+            cfg.data.max_length,
+            ", ".join(train_stats.untrained_at),
+            f" and {more} more" if more > 0 else "",
+        )
 
     checkpoint_dir = run_dir / "checkpoints"
     resume = resume_path(cfg.trainer.resume, checkpoint_dir, run_dir)
@@ -224,7 +233,8 @@ def _fit(cfg: DictConfig, run_dir: Path, splits, callbacks: list) -> dict[str, A
             "skipped_steps": module.skipped_steps,
         },
         "data": {"format": splits.format, "skipped": splits.skipped, "packing": cfg.data.packing}
-        | {k: v for k, v in asdict(train_stats).items() if k != "over_length"},
+        | {k: v for k, v in asdict(train_stats).items() if k not in ("over_length", "untrained_at", "refused")}
+        | {"refused": len(train_stats.refused)},  # rows the chat template refused, skipped (data.on_error=skip)
         "base_model": base,
         "artefact": str(artefact.relative_to(run_dir)),
         "artefact_bytes": sum(f.stat().st_size for f in artefact.rglob("*") if f.is_file()),

@@ -19,6 +19,7 @@ from ftx.train import train
 EXAMPLES = project_root() / "datasets" / "examples"
 SFT_FILES = {
     "chat.jsonl": "chat",
+    "tools.jsonl": "chat",
     "prompt_completion.jsonl": "prompt_completion",
     "alpaca.json": "alpaca",
     "sharegpt.jsonl": "sharegpt",
@@ -72,7 +73,9 @@ def test_shipped_example_files_load_in_their_format(name):
 
 @pytest.mark.parametrize("name", SFT_FILES)
 def test_each_format_trains_a_step(name, tiny_model_dir, tiny_data, tmp_path):
-    cfg = compose_config(data_overrides(tiny_model_dir, tiny_data, tmp_path, EXAMPLES / name))
+    # The tools' JSON schemas alone are ~500 tokens of the 300-token tiny vocabulary.
+    longer = ["data.max_length=1536"] if name == "tools.jsonl" else []
+    cfg = compose_config(data_overrides(tiny_model_dir, tiny_data, tmp_path, EXAMPLES / name, *longer))
     record = train(cfg)
     assert record["status"] == "completed" and record["train"]["steps"] == 1
     assert record["data"]["format"] == SFT_FILES[name] and record["data"]["trained_tokens"] > 0
@@ -150,7 +153,11 @@ BAD_ROWS = [
     ("chat", '{"messages": []}', "'messages' is empty"),
     ("chat", '{"messages": [{"role": "robot", "content": "x"}]}', "messages[0]: unknown role 'robot'"),
     ("chat", '{"messages": [{"role": "user", "content": ""}]}', "messages[0].content is empty"),
-    ("chat", '{"messages": [{"role": "user", "content": 3}]}', "messages[0].content must be a string, got int"),
+    (
+        "chat",
+        '{"messages": [{"role": "user", "content": 3}]}',
+        "messages[0].content must be a string or a list of text parts, got int",
+    ),
     ("chat", '{"messages": [{"role": "user", "content": "hi"}]}', "'messages' has no assistant turn"),
     (
         "chat",
@@ -329,18 +336,30 @@ def test_tokenizer_chat_template_is_used(tokenizer):
             {"role": "assistant", "content": "two", "weight": 1},
         ],
     )
-    assert trained(renderer, example) == "one<|im_end|>\ntwo<|im_end|>\n"
+    assert trained(renderer, example) == "one<|im_end|>two<|im_end|>"  # never the newline after it
     ids, labels = renderer.encode(example, True)
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids.count(im_start) == 4 and all(labels[i] == IGNORE_INDEX for i, t in enumerate(ids) if t == im_start)
 
 
-def test_template_that_rewrites_history_is_refused(tokenizer):
+def test_a_template_that_rewrites_history_is_followed(tokenizer):
+    """The last message is marked: the turns before render differently once it
+    follows. The answer is found where its content renders."""
     rewriting = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }} {% endfor %}"
     renderer = Renderer(tokenizer, "{prompt}", rewriting)
     example = Example(
         "x",
-        messages=[{"role": "user", "content": "a", "weight": 0}] + [{"role": "assistant", "content": "b", "weight": 1}],
+        messages=[{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "bc", "weight": 1}],
+    )
+    assert trained(renderer, example) == "bc"
+
+
+def test_a_template_that_drops_the_answers_is_refused(tokenizer):
+    roles_only = "{% for m in messages %}[{{ m['role'] }}] {% endfor %}"
+    renderer = Renderer(tokenizer, "{prompt}", roles_only)
+    example = Example(
+        "x",
+        messages=[{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b", "weight": 1}],
     )
     with pytest.raises(TemplateError, match="data.chat_template"):
         renderer.encode(example, True)
@@ -397,7 +416,7 @@ def test_tokenized_cache_hits_and_invalidates(tiny_model_dir, tiny_data, tmp_pat
     monkeypatch.undo()
 
     changes = {
-        "max_length": (compose_config([*overrides, "data.max_length=32"]), examples),
+        "max_length": (compose_config([*overrides, "data.max_length=100"]), examples),
         "template": (compose_config([*overrides, "data.prompt_template='Q {prompt} A'"]), examples),
         "masking": (compose_config([*overrides, "objective.completion_only=false"]), examples),
         "data": (cfg, [Example(examples[0].source, prompt="changed", completion="x"), *examples[1:]]),

@@ -24,21 +24,21 @@ import logging
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from ftx.data.formats import Example
-from ftx.data.render import IGNORE_INDEX, Renderer
+from ftx.data.formats import SHOWN_PROBLEMS, DataError, Example, problems_error
+from ftx.data.render import IGNORE_INDEX, Renderer, TemplateError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the encoding itself changes
+CACHE_VERSION = 2  # bump when the encoding itself changes (2: whole-conversation ids, offset masks)
 
 
 @dataclass
@@ -60,6 +60,10 @@ class SplitStats:
     """Sequences per epoch: examples, or packed rows with data.packing."""
     over_length: list[str]
     """Where the first truncated examples came from (file:line), at most 20."""
+    untrained_at: list[str] = field(default_factory=list)
+    """Where the first examples left with no trained token came from, at most 20."""
+    refused: list[int] = field(default_factory=list)
+    """Indices of the examples the chat template refused, dropped under data.on_error=skip."""
 
 
 class TokenizedSplit:
@@ -98,32 +102,63 @@ def tokenize_split(
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     entry = Path(cfg.paths.cache_dir) / "tokenized" / key
     if cfg.data.cache and (entry / "stats.json").is_file():
-        return _load(entry)
-    split = _encode(renderer, examples, cfg.data.max_length, cfg.objective.completion_only, packing)
-    if cfg.data.cache:
-        _store(entry, split)
+        split = _load(entry)
+    else:
+        split = _encode(renderer, examples, cfg.data, cfg.objective.completion_only, packing)
+        if cfg.data.cache:
+            _store(entry, split)
+    if examples and not split.stats.trained_tokens:
+        source = examples[0].source.rsplit(":", 1)[0]
+        where = ", ".join(split.stats.untrained_at[:3])
+        raise DataError(
+            f"{source}: none of its {split.stats.examples} example(s) has a token to train (e.g. {where}) after "
+            f"rendering and truncation to data.max_length={cfg.data.max_length}; raise data.max_length if prompts "
+            "fill it, or check that the chat template (data.chat_template) renders the assistant's turns."
+        )
     return split
 
 
 def _encode(
-    renderer: Renderer, examples: list[Example], max_length: int, completion_only: bool, packing: bool
+    renderer: Renderer, examples: list[Example], data: DictConfig, completion_only: bool, packing: bool
 ) -> TokenizedSplit:
-    rows, over_length, untrained, longest = [], [], 0, 0
-    for example in examples:
-        ids, labels = renderer.encode(example, completion_only)
+    max_length = data.max_length
+    rows, over_length, untrained_at, refused, longest = [], [], [], {}, 0
+    for index, example in enumerate(examples):
+        try:
+            ids, labels = renderer.encode(example, completion_only)
+        except TemplateError as error:
+            refused[index] = f"{example.source}: {error}"
+            continue
         longest = max(longest, len(ids))
         if len(ids) > max_length:
             over_length.append(example.source)
         ids, labels = ids[:max_length], labels[:max_length]
         # The first label is never a target (labels shift left inside the model).
-        untrained += all(label == IGNORE_INDEX for label in labels[1:])
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            untrained_at.append(example.source)
         rows.append({"input_ids": ids, "labels": labels})
+    if refused and (data.on_error == "refuse" or not rows):
+        raise problems_error(examples[0].source.rsplit(":", 1)[0], list(refused.values()), SHOWN_PROBLEMS)
+    if refused:
+        first = next(iter(refused.values()))
+        log.warning(
+            "skipped %d example(s) the chat template refused (data.on_error=skip), first: %s", len(refused), first
+        )
     tokens = sum(len(r["input_ids"]) for r in rows)
     trained = sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in rows)
     if packing:
         rows = _pack(rows, max_length)
     stats = SplitStats(
-        len(examples), tokens, trained, len(over_length), untrained, longest, len(rows), over_length[:20]
+        len(examples) - len(refused),
+        tokens,
+        trained,
+        len(over_length),
+        len(untrained_at),
+        longest,
+        len(rows),
+        over_length[:20],
+        untrained_at[:20],
+        sorted(refused),
     )
     return TokenizedSplit(rows, stats)
 
@@ -248,7 +283,10 @@ class PairSplit:
     (and cached) like an SFT example whose response is the trained part."""
 
     def __init__(self, chosen: TokenizedSplit, rejected: TokenizedSplit) -> None:
-        self.rows = [{"chosen": c, "rejected": r} for c, r in zip(chosen.rows, rejected.rows, strict=True)]
+        # A pair the template refused on either side (dropped under data.on_error=skip) is dropped whole.
+        kept = [_by_example(side) for side in (chosen, rejected)]
+        both = sorted(kept[0].keys() & kept[1].keys())
+        self.rows = [{"chosen": kept[0][i], "rejected": kept[1][i]} for i in both]
         self.stats = {"chosen": chosen.stats, "rejected": rejected.stats}
 
     def __len__(self) -> int:
@@ -256,6 +294,13 @@ class PairSplit:
 
     def __getitem__(self, index: int) -> dict[str, dict[str, list[int]]]:
         return self.rows[index]
+
+
+def _by_example(split: TokenizedSplit) -> dict[int, dict[str, list[int]]]:
+    """An unpacked split's rows by the index of the example each encodes."""
+    refused = set(split.stats.refused)
+    indices = [i for i in range(len(split.rows) + len(refused)) if i not in refused]
+    return dict(zip(indices, split.rows, strict=True))
 
 
 def tokenize_pairs(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, pairs: list) -> PairSplit:

@@ -37,8 +37,9 @@ commands:
   eval TARGET [overrides]
                         score a run directory or a model directory on the data
                         of its config (or data=..., data.eval_file=...)
-  generate TARGET --prompt TEXT [--max-new-tokens N]
-                        greedy completion with the run's prompt template
+  generate TARGET --prompt TEXT [--max-new-tokens N] [--json]
+                        the greedy answer to each prompt, through the run's
+                        templates, ending where the model's turn ends
   export RUN_DIR --out DIR [--adapter-only]
                         merge the adapter into the base (dequantized for QLoRA):
                         a directory that loads with AutoModelForCausalLM
@@ -180,8 +181,15 @@ def data(args: list[str]) -> None:
             print(f"warning: {where}: longer than data.max_length={data_cfg.max_length} ({name}); truncated")
         if split.truncated > len(split.over_length):
             print(f"warning: … and {split.truncated - len(split.over_length)} more in {name}")
-        if split.untrained:
-            print(f"warning: {split.untrained} {name} example(s) have no trained token left after truncation")
+        if split.refused:
+            print(
+                f"warning: {len(split.refused)} {name} example(s) the chat template refused were skipped "
+                "(data.on_error=skip)"
+            )
+        for where in split.untrained_at:
+            print(f"warning: {where}: no trained token left after truncation to data.max_length ({name})")
+        if split.untrained > len(split.untrained_at):
+            print(f"warning: … and {split.untrained - len(split.untrained_at)} more with no trained token in {name}")
 
 
 def plan(args: list[str]) -> None:
@@ -239,14 +247,18 @@ def evaluate(args: list[str]) -> None:
 def generate(args: list[str]) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="ftx generate", description="Greedy completion of a prompt.")
+    parser = argparse.ArgumentParser(prog="ftx generate", description="The greedy answer to each prompt.")
     parser.add_argument("target", help="run directory or model directory")
     parser.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: data.max_new_tokens")
+    parser.add_argument("--json", action="store_true", help='one {"prompt", "answer"} JSON object per line')
     options = parser.parse_args(args)
+    import json
+
     from ftx.data import Preference, load_splits
     from ftx.data.tokenized import renderer_for
     from ftx.evaluation import generate as complete
+    from ftx.evaluation import stop_ids
 
     model, tokenizer, cfg = load_target(options.target, [])
     renderer = renderer_for(cfg, tokenizer)
@@ -254,12 +266,11 @@ def generate(args: list[str]) -> None:
     first = first.as_examples()[0] if isinstance(first, Preference) else first
     chat = first.is_chat  # prompts are shown as the run's data was
     prompts = [renderer.encode_prompt(renderer.user_example(p, chat)) for p in options.prompt]
-    for prompt, completion in zip(
-        options.prompt,
-        complete(model, tokenizer, prompts, options.max_new_tokens or cfg.data.max_new_tokens),
-        strict=True,
-    ):
-        print(f"{prompt}\n→ {completion}")
+    limit = options.max_new_tokens or cfg.data.max_new_tokens
+    answers = complete(model, tokenizer, prompts, limit, stop_ids(model, renderer))
+    for prompt, answer in zip(options.prompt, answers, strict=True):
+        # The answer alone (it ends where the model's turn ends), as scripts read it.
+        print(json.dumps({"prompt": prompt, "answer": answer}) if options.json else answer)
 
 
 def export(args: list[str]) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from ftx.data import Example
+from ftx.data.render import Renderer
 from ftx.data.tokenized import make_loader, renderer_for
 
 if TYPE_CHECKING:
@@ -127,17 +128,29 @@ def held_out_loss(model: PreTrainedModel, loader) -> float:
     return total / max(tokens, 1)
 
 
+def stop_ids(model: PreTrainedModel, renderer: Renderer) -> list[int]:
+    """Tokens at which generation stops: the model's own end tokens
+    (``generation_config.eos_token_id``, one or a list), the tokenizer's EOS and the
+    chat template's end-of-turn token, which Hugging Face's ``generate`` would miss
+    where the model's config does not list it."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or ())
+    return list(dict.fromkeys([*configured, *renderer.stop_ids()]))
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     max_new_tokens: int,
+    stops: list[int],
     batch_size: int = 32,
     samples: int = 0,
     temperature: float = 1.0,
 ) -> list[str]:
-    """Greedy completions (decoded, special tokens dropped) of prompt token ids; with
-    ``samples`` > 0, that many sampled at ``temperature`` per prompt instead, in prompt order."""
+    """Greedy completions (decoded, special tokens dropped) of prompt token ids, each
+    ending at the first of ``stops`` (:func:`stop_ids`); with ``samples`` > 0, that
+    many sampled at ``temperature`` per prompt instead, in prompt order."""
     tokenizer.padding_side = "left"  # generation continues from the right edge
     device = next(model.parameters()).device
     sampling = {"do_sample": False}
@@ -154,7 +167,7 @@ def generate(
                     max_new_tokens=max_new_tokens,
                     **sampling,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stops,
                 )
                 new_tokens = generated[:, enc["input_ids"].shape[1] :]
                 outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
@@ -174,7 +187,7 @@ def task_scores(
     metric = resolve_metric(cfg.data)
     renderer = renderer_for(cfg, tokenizer)
     prompts = [renderer.encode_prompt(example) for example in examples]
-    predictions = generate(model, tokenizer, prompts, cfg.data.max_new_tokens)
+    predictions = generate(model, tokenizer, prompts, cfg.data.max_new_tokens, stop_ids(model, renderer))
     scores = [float(metric(p, e.reference())) for p, e in zip(predictions, examples, strict=True)]
     bad = next((s for s in scores if not math.isfinite(s)), None)
     if bad is not None:

@@ -60,11 +60,12 @@ def main() -> None:
     from ftx.cli import load_target
     from ftx.data.formats import Example
     from ftx.data.tokenized import renderer_for
-    from ftx.evaluation import generate, resolve_metric
+    from ftx.evaluation import generate, resolve_metric, stop_ids
 
     model, tokenizer, cfg = load_target(args.target, ["data=json_extract"])
     metric = resolve_metric(cfg.data)
     renderer = renderer_for(cfg, tokenizer)
+    stops = stop_ids(model, renderer)
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -72,9 +73,11 @@ def main() -> None:
         rows = [json.loads(line) for line in (ROOT / f"datasets/json_extract/{split}.jsonl").read_text().splitlines()]
         rows = rows[:count]
         prompts = [renderer.encode_prompt(Example("", prompt=row["prompt"], completion="")) for row in rows]
-        answers = [[answer] for answer in generate(model, tokenizer, prompts, cfg.data.max_new_tokens)]
+        answers = [[answer] for answer in generate(model, tokenizer, prompts, cfg.data.max_new_tokens, stops)]
         if args.samples:
-            sampled = generate(model, tokenizer, prompts, cfg.data.max_new_tokens, 32, args.samples, args.temperature)
+            sampled = generate(
+                model, tokenizer, prompts, cfg.data.max_new_tokens, stops, 32, args.samples, args.temperature
+            )
             for i, own in enumerate(answers):
                 own.extend(sampled[i * args.samples : (i + 1) * args.samples])
         own_chosen = own_rejected = 0

@@ -199,8 +199,8 @@ def test_dpo_run_is_scored_and_sampled_by_the_cli(tiny_model_dir, tiny_data, tmp
     out = ftx_main("eval", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["quality"]["pair_accuracy"] == read_metrics(tmp_path)["quality"]["pair_accuracy"]
-    out = ftx_main("generate", str(tmp_path), "--prompt", "Cancel my 2 kettles.", "--max-new-tokens", "4")
-    assert out.returncode == 0 and "Cancel my 2 kettles.\n→ " in out.stdout, out.stderr
+    out = ftx_main("generate", str(tmp_path), "--prompt", "Cancel my 2 kettles.", "--max-new-tokens", "4", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["prompt"] == "Cancel my 2 kettles.", out.stderr
 
 
 def test_onpolicy_pairs_take_the_models_own_answers(tiny_model_dir, tmp_path):

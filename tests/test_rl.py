@@ -64,7 +64,7 @@ def fixed_rollout(cfg, tokenizer, prompts=2) -> Rollout:
     completion_ids = torch.randint(5, len(tokenizer), (prompts * K, 6))
     completion_ids[1, 3] = tokenizer.eos_token_id
     completion_ids[1, 4:] = tokenizer.pad_token_id
-    mask = completion_mask(completion_ids, tokenizer.eos_token_id)
+    mask = completion_mask(completion_ids, [tokenizer.eos_token_id])
     return Rollout(
         batch["input_ids"].repeat_interleave(K, 0),
         batch["attention_mask"].repeat_interleave(K, 0),

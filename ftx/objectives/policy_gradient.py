@@ -34,7 +34,7 @@ from ftx.config import reward_part
 from ftx.data import Example, Preference
 from ftx.data.render import Renderer
 from ftx.data.tokenized import Collator, SplitStats, renderer_for
-from ftx.evaluation import PER_EXAMPLE, TASK_METRICS, inference
+from ftx.evaluation import PER_EXAMPLE, TASK_METRICS, inference, stop_ids
 from ftx.evaluation import evaluate as evaluate_examples
 from ftx.objectives.base import ObjectiveModule, disable_dropout
 
@@ -126,9 +126,16 @@ class Rollout:
 
 
 def sample(
-    model, tokenizer, batch: dict[str, Any], k: int, objective: DictConfig | None, max_new_tokens: int
+    model,
+    tokenizer,
+    batch: dict[str, Any],
+    k: int,
+    objective: DictConfig | None,
+    max_new_tokens: int,
+    stops: list[int],
 ) -> Rollout:
-    """k sampled completions of each prompt; ``objective=None``: one greedy completion."""
+    """k sampled completions of each prompt, each ending at the first of ``stops``
+    (:func:`ftx.evaluation.stop_ids`); ``objective=None``: one greedy completion."""
     sampling = {"do_sample": False}
     if objective is not None:
         sampling = {"do_sample": True, "temperature": objective.temperature, "top_p": objective.top_p, "top_k": 0}
@@ -139,12 +146,12 @@ def sample(
             max_new_tokens=max_new_tokens,
             num_return_sequences=k,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
             **sampling,
         )
     width = batch["input_ids"].shape[1]
     completion_ids = generated[:, width:]
-    mask = completion_mask(completion_ids, tokenizer.eos_token_id)
+    mask = completion_mask(completion_ids, stops)
     return Rollout(
         prompt_ids=batch["input_ids"].repeat_interleave(k, 0),
         prompt_mask=batch["attention_mask"].repeat_interleave(k, 0),
@@ -158,9 +165,9 @@ def sample(
     )
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 on every token up to and including the first EOS (all of a row without one)."""
-    is_eos = completion_ids == eos_token_id
+def completion_mask(completion_ids: torch.Tensor, stops: list[int]) -> torch.Tensor:
+    """1 on every token up to and including the first stop token (all of a row without one)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(stops, device=completion_ids.device))
     length = completion_ids.shape[1]
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), length)
     return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long()
@@ -287,10 +294,11 @@ def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
     examples = prompt_examples(splits.eval)
     scores = evaluate_examples(cfg, model, tokenizer, examples)
     reward = Reward(cfg, next(model.parameters()).device)
+    stops = stop_ids(model, renderer_for(cfg, tokenizer))
     values = []
     for batch in make_prompt_loader(cfg, tokenizer, examples[: cfg.data.eval_examples], shuffle=False):
         batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        values.append(reward(sample(model, tokenizer, batch, 1, None, cfg.data.max_new_tokens))["reward"])
+        values.append(reward(sample(model, tokenizer, batch, 1, None, cfg.data.max_new_tokens, stops))["reward"])
     rewards = torch.cat(values)
     per_example = scores.get(PER_EXAMPLE, {}) | {"reward": rewards.tolist()}
     return scores | {"reward": rewards.mean().item(), PER_EXAMPLE: per_example}
@@ -313,11 +321,13 @@ class PolicyGradientModule(ObjectiveModule):
             self.frozen = [copy.deepcopy(model).eval().requires_grad_(False)]
         self.reward: Reward | None = None
         self.tokenizer = None
+        self.stops: list[int] = []
 
     def setup(self, stage: str) -> None:
         from ftx.models import load_tokenizer, resolve_base
 
         self.tokenizer = load_tokenizer(self.cfg, resolve_base(self.cfg))
+        self.stops = stop_ids(self.model, renderer_for(self.cfg, self.tokenizer))
 
     def on_fit_start(self) -> None:
         if self.frozen is not None:
@@ -339,7 +349,7 @@ class PolicyGradientModule(ObjectiveModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         k = self.settings.num_generations
-        rollout = sample(self.model, self.tokenizer, batch, k, self.settings, self.cfg.data.max_new_tokens)
+        rollout = sample(self.model, self.tokenizer, batch, k, self.settings, self.cfg.data.max_new_tokens, self.stops)
         rewards = self.reward(rollout)
         logps = completion_logps(self.model, rollout, self.settings.temperature)
         values = self.loss_terms(logps, self.reference_logps(rollout), rewards["reward"], rollout.completion_mask)
@@ -350,7 +360,7 @@ class PolicyGradientModule(ObjectiveModule):
         return values["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rollout = sample(self.model, self.tokenizer, batch, 1, None, self.cfg.data.max_new_tokens)
+        rollout = sample(self.model, self.tokenizer, batch, 1, None, self.cfg.data.max_new_tokens, self.stops)
         self.log_all("val", describe(self.reward(rollout), rollout), batch_size=len(rollout.completions))
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from ftx.data import Example
 from ftx.data.render import Renderer
-from ftx.data.tokenized import make_loader, renderer_for
+from ftx.data.tokenized import encode_prompts, make_loader, renderer_for
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -186,7 +186,7 @@ def task_scores(
     its reference (the completion, or the conversation's last answer)."""
     metric = resolve_metric(cfg.data)
     renderer = renderer_for(cfg, tokenizer)
-    prompts = [renderer.encode_prompt(example) for example in examples]
+    examples, prompts = encode_prompts(renderer, examples, cfg.data.on_error)
     predictions = generate(model, tokenizer, prompts, cfg.data.max_new_tokens, stop_ids(model, renderer))
     scores = [float(metric(p, e.reference())) for p, e in zip(predictions, examples, strict=True)]
     bad = next((s for s in scores if not math.isfinite(s)), None)

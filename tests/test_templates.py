@@ -277,6 +277,25 @@ def test_prompt_and_completion_are_tokenized_as_the_joined_text(family):
     )
 
 
+def test_an_answer_quoting_the_end_token_is_trained_whole(tmp_path):
+    tokenizer = family_tokenizer(BY_NAME["chatml"])
+    answer = "Write <|im_end|> at the end. Then stop."
+    messages = [{"role": "user", "content": "How do I end a turn?"}, {"role": "assistant", "content": answer}]
+    example = parsed({"messages": messages}, tmp_path)
+    assert trained_runs(Renderer(tokenizer, "{prompt}", None), example) == [f"{answer}<|im_end|>"]
+
+
+def test_an_end_of_turn_token_added_as_a_plain_token_still_ends_the_turn(tmp_path):
+    """Tokenizers that add their turn markers with add_tokens (special=False)."""
+    plain = Family("plain", "chatml.jinja", "bytelevel", None, "<|endoftext|>", "<|im_end|>", ["<|endoftext|>"])
+    tokenizer = family_tokenizer(plain)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"])
+    renderer = Renderer(tokenizer, "{prompt}", None)
+    example = parsed({"messages": conversation(plain)}, tmp_path)
+    assert trained_runs(renderer, example) == ["Paris<|im_end|>", "Berlin<|im_end|>"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in renderer.stop_ids()
+
+
 # ------------------------------------------------------------------ tool calls
 
 WEATHER = {
@@ -369,6 +388,15 @@ def test_legacy_functions_and_function_call_become_tools(tmp_path):
     assert example.messages[3]["content"] == "Sunny."  # text parts read as their text
     renderer = Renderer(family_tokenizer(BY_NAME["qwen2.5"]), "{prompt}", None)
     assert "get_weather" in trained_runs(renderer, example)[0]
+
+
+def test_hub_style_tool_fields_are_read(tmp_path):
+    """Datasets on the Hub often store tools as JSON text, and no calls as []."""
+    row = tool_row()
+    row["tools"] = json.dumps(row["tools"])
+    row["messages"][-1]["tool_calls"] = []
+    example = parsed(row, tmp_path)
+    assert example.tools == [WEATHER] and "tool_calls" not in example.messages[-1]
 
 
 def test_a_template_that_cannot_render_tools_refuses_the_conversation(tmp_path):
@@ -506,7 +534,8 @@ def test_a_template_that_raises_refuses_its_rows_by_line(gemma_model, tmp_path):
         )
         assert f"{data}:6: " in out.stderr and "Traceback" not in out.stderr
     # data.on_error=skip drops them and trains on the rest.
-    out, record = run_train(gemma_model, data, tmp_path / "skip", "data.on_error=skip")
+    # (the task score, generated from held-out prompts, skips them too)
+    out, record = run_train(gemma_model, data, tmp_path / "skip", "data.on_error=skip", "data.task_metric=exact_match")
     assert out.returncode == 0 and record["status"] == "completed", out.stderr
     assert record["data"]["refused"] == 2 and record["data"]["examples"] == 6
 

@@ -247,7 +247,7 @@ def _template_keys(message: dict, role: str, where: str, problems: list[str]) ->
                 extra[key] = message[key]
     if "tool_call_id" in extra and role != "tool":
         problems.append(f"{where}.tool_call_id belongs on tool messages (role {role!r})")
-    calls = message.get("tool_calls")
+    calls = _decoded(message.get("tool_calls"), f"{where}.tool_calls", problems) or None  # [] = no calls
     if message.get("function_call") is not None:
         if calls is not None:
             problems.append(f"{where} has both tool_calls and the legacy function_call: keep one")
@@ -286,11 +286,23 @@ def _template_keys(message: dict, role: str, where: str, problems: list[str]) ->
     return extra
 
 
+def _decoded(value: Any, name: str, problems: list[str]) -> Any:
+    """A list that datasets on the Hub often store as its JSON text, decoded."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value) if value.strip() else None
+    except json.JSONDecodeError as error:
+        problems.append(f"{name} is a string that is not valid JSON ({error.msg} at character {error.pos})")
+        return None
+
+
 def parse_tools(row: dict, problems: list[str], where: str = "") -> list[dict[str, Any]] | None:
     """A row's top-level tools in OpenAI's form ([{"type": "function", "function":
     {"name", "description"?, "parameters"?}}]), or the legacy ``functions`` list
     turned into it; None when the row declares none."""
-    tools, legacy = row.get("tools"), row.get("functions")
+    tools = _decoded(row.get("tools"), f"{where}tools", problems)
+    legacy = _decoded(row.get("functions"), f"{where}functions", problems)
     if tools is not None and legacy is not None:
         problems.append(f"{where}both 'tools' and the legacy 'functions': keep one")
         return None

@@ -41,6 +41,7 @@ characters, so it is trained).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,8 @@ from ftx.data.formats import TEMPLATE_KEYS, DataError, Example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
@@ -127,9 +130,8 @@ class Renderer:
             )
         else:
             self.template_name = "the tokenizer's chat template" if own else "ftx's default chat template"
-        specials = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-        self._special = specials | set(tokenizer.all_special_ids)
-        self._end_of_turn: str | None = None
+        self._added = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+        self._end_of_turn: tuple[str, int] | tuple[()] | None = None
 
     # ------------------------------------------------------------------ training
 
@@ -171,6 +173,14 @@ class Renderer:
             for call in message.get("tool_calls", ()):
                 if call["function"]["name"] not in text[start:end]:
                     raise TemplateError(self._no_tool_calls(index, call["function"]["name"]))
+            if message.get("tool_calls") and message["content"] and message["content"].strip() not in text[start:end]:
+                log.warning(
+                    "%s: %s renders messages[%d]'s tool calls without its text, as an inference server would "
+                    "show it: the text is not trained",
+                    example.source,
+                    self.template_name,
+                    index,
+                )
             spans.append((start, end, message["weight"]))
         missing = [t["function"]["name"] for t in example.tools or () if t["function"]["name"] not in text]
         if missing:
@@ -223,13 +233,20 @@ class Renderer:
         return content[0]
 
     def _turn_end(self, text: str, messages: list[dict], tools: list | None, index: int, start: int) -> int:
-        """Where assistant turn ``index``'s trained characters end: after the
-        template's end-of-turn token, the first one after the turn's start; for a
-        template without one, where the turn's content ends."""
+        """Where assistant turn ``index``'s trained characters end: after the last
+        end-of-turn token within the turn (content that quotes the token's text does
+        not end it); for a template without one, where the turn's content ends."""
+        own = self.render(messages[: index + 1], tools=tools)  # the turn as the conversation's last
+        if text.startswith(own):
+            limit = len(own)
+        else:  # rendered differently once later turns follow: bounded by the next message's content
+            following = next((i for i in range(index + 1, len(messages)) if messages[i]["content"]), None)
+            span = None if following is None else self._content_span(text, messages, tools, following)
+            limit = len(text) if span is None else span[0]
         marker = self.end_of_turn()
-        found = text.find(marker, start) if marker else -1
+        found = text.rfind(marker[0], start, limit) if marker else -1
         if found >= 0:
-            return found + len(marker)
+            return found + len(marker[0])
         content = self._content_span(text, messages, tools, index)
         if content is not None:
             return content[1]
@@ -254,22 +271,23 @@ class Renderer:
             return None
         return before, len(text) - after
 
-    def end_of_turn(self) -> str | None:
-        """The text of the special token that closes an assistant turn in this
-        template (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``,
-        ``</s>``): the first one after the answer in a probe conversation."""
+    def end_of_turn(self) -> tuple[str, int] | None:
+        """(text, id) of the token that closes an assistant turn in this template
+        (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ``</s>``): the
+        first added token after the answer in a probe conversation."""
         if self._end_of_turn is None:
-            self._end_of_turn = ""
+            self._end_of_turn = ()
             probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBES[0]}]
             try:
                 text = self.render(probe)
             except TemplateError:  # a template with demands of its own (a system turn first…)
+                log.warning("%s cannot render a probe conversation: no end-of-turn token is known", self.template_name)
                 return None
             after = text.find(PROBES[0]) + len(PROBES[0])
             ids, offsets = self._encode(text)
             for token, (begin, end) in zip(ids, offsets, strict=True):
-                if begin >= after and token in self._special:
-                    self._end_of_turn = text[begin:end]
+                if begin >= after and token in self._added:
+                    self._end_of_turn = (text[begin:end], token)
                     break
         return self._end_of_turn or None
 
@@ -279,6 +297,7 @@ class Renderer:
         """Token ids generation continues from: the conversation before its last
         answer with the generation prompt, or BOS and the templated prompt."""
         if example.is_chat:
+            self._check_tool_support(example)
             messages = [template_message(m) for m in example.prompt_messages()]
             return self._encode(self.render(messages, tools=example.tools, generation_prompt=True))[0]
         return self._bos() + self._encode(self.prompt_template.format(prompt=example.prompt or ""))[0]
@@ -288,8 +307,7 @@ class Renderer:
         end-of-turn token (Gemma's ``<end_of_turn>``, Llama 3's ``<|eot_id|>``)."""
         stops = self._eos()
         marker = self.end_of_turn() if getattr(self.tokenizer, "is_fast", False) else None
-        marker_id = self.tokenizer.convert_tokens_to_ids(marker) if marker else None
-        return stops + [marker_id] if marker_id is not None and marker_id not in stops else stops
+        return stops + [marker[1]] if marker and marker[1] not in stops else stops
 
     def user_example(self, text: str, chat: bool) -> Example:
         """An example whose prompt is ``text`` (for ``ftx generate``)."""

@@ -24,7 +24,7 @@ import logging
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,6 +98,7 @@ def tokenize_split(
         "max_length": cfg.data.max_length,
         "completion_only": cfg.objective.completion_only,
         "packing": packing,
+        "on_error": cfg.data.on_error,  # what a template's refusal does: stop, or drop the row
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     entry = Path(cfg.paths.cache_dir) / "tokenized" / key
@@ -161,6 +162,22 @@ def _encode(
         sorted(refused),
     )
     return TokenizedSplit(rows, stats)
+
+
+def encode_prompts(renderer: Renderer, examples: list[Example], on_error: str) -> tuple[list[Example], list[list[int]]]:
+    """The examples whose generation prompt the template renders, and those prompts'
+    ids; the others are listed by line (data.on_error=refuse) or dropped."""
+    kept, prompts, refused = [], [], []
+    for example in examples:
+        try:
+            prompts.append(renderer.encode_prompt(example))
+        except TemplateError as error:
+            refused.append(f"{example.source}: {error}")
+            continue
+        kept.append(example)
+    if refused and (on_error == "refuse" or not kept):
+        raise problems_error(examples[0].source.rsplit(":", 1)[0], refused, SHOWN_PROBLEMS)
+    return kept, prompts
 
 
 def _pack(rows: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
@@ -287,7 +304,11 @@ class PairSplit:
         kept = [_by_example(side) for side in (chosen, rejected)]
         both = sorted(kept[0].keys() & kept[1].keys())
         self.rows = [{"chosen": kept[0][i], "rejected": kept[1][i]} for i in both]
-        self.stats = {"chosen": chosen.stats, "rejected": rejected.stats}
+        refused = sorted(set(chosen.stats.refused) | set(rejected.stats.refused))
+        self.stats = {
+            side: replace(split.stats, examples=len(both), rows=len(both), refused=refused)
+            for side, split in (("chosen", chosen), ("rejected", rejected))
+        }
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from ftx.config import reward_part
 from ftx.data import Example, Preference
 from ftx.data.render import Renderer
-from ftx.data.tokenized import Collator, SplitStats, renderer_for
+from ftx.data.tokenized import Collator, SplitStats, encode_prompts, renderer_for
 from ftx.evaluation import PER_EXAMPLE, TASK_METRICS, inference, stop_ids
 from ftx.evaluation import evaluate as evaluate_examples
 from ftx.objectives.base import ObjectiveModule, disable_dropout
@@ -64,10 +64,9 @@ class PromptSplit:
 
 
 def tokenize_prompts(cfg: DictConfig, tokenizer, examples: list[Example]) -> PromptSplit:
-    renderer = renderer_for(cfg, tokenizer)
+    examples, prompts = encode_prompts(renderer_for(cfg, tokenizer), examples, cfg.data.on_error)
     rows, over_length, longest = [], [], 0
-    for example in examples:
-        ids = renderer.encode_prompt(example)
+    for example, ids in zip(examples, prompts, strict=True):
         longest = max(longest, len(ids))
         if len(ids) > cfg.data.max_length:
             over_length.append(example.source)

@@ -597,3 +597,15 @@ def test_train_names_the_examples_truncation_left_untrained(gemma_model, tmp_pat
     logged = out.stdout + out.stderr
     assert "2 training example(s) have no trained token left after truncation to data.max_length=64" in logged
     assert f"{data}:3" in logged and f"{data}:7" in logged
+
+
+def test_template_variables_reach_training_and_generation(tmp_path):
+    """data.chat_template_kwargs: Qwen3 without thinking (enable_thinking=false)."""
+    tokenizer = family_tokenizer(BY_NAME["qwen3"])
+    messages = conversation(BY_NAME["qwen3"])
+    example = parsed({"messages": messages}, tmp_path)
+    renderer = Renderer(tokenizer, "{prompt}", None, {"enable_thinking": False})
+    assert renderer.encode(example, True)[0] == reference_ids(tokenizer, messages, enable_thinking=False)
+    prompt = reference_ids(tokenizer, messages[:-1], add_generation_prompt=True, enable_thinking=False)
+    assert renderer.encode_prompt(example) == prompt
+    assert tokenizer.decode(prompt).endswith("<think>\n\n</think>\n\n")

@@ -112,9 +112,17 @@ def template_message(message: dict[str, Any]) -> dict[str, Any]:
 class Renderer:
     """Encodes examples for one tokenizer, prompt template and chat template."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_template: str, chat_template: str | None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_template: str,
+        chat_template: str | None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
+        self.template_kwargs = dict(template_kwargs or {})
+        """Extra variables the template reads (data.chat_template_kwargs)."""
         own = tokenizer.chat_template
         # data.chat_template may also name one of a tokenizer's templates ("tool_use").
         given = own[chat_template] if isinstance(own, dict) and chat_template in own else None
@@ -327,6 +335,7 @@ class Renderer:
                 chat_template=self._template,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
+                **self.template_kwargs,
             )
         except Exception as error:  # jinja2's TemplateError (raise_exception), or the template's own bug
             reason = str(error) if type(error).__module__.startswith("jinja2") else f"{type(error).__name__}: {error}"

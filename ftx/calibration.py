@@ -70,6 +70,8 @@ class Calibration:
     """depth -> the planner's tensor terms for that copy, bytes."""
     seq_len: int
     """Length of the longest batch (the planned one), tokens."""
+    trained_tokens: int | None
+    """The most trained tokens of one sequence (what the chunked head computes logits for)."""
     seconds: float
 
     def as_overhead(self) -> Overhead:
@@ -87,6 +89,7 @@ class Calibration:
             "measured_bytes": {str(d): v for d, v in self.measured.items()},
             "planned_bytes": {str(d): v for d, v in self.planned.items()},
             "seq_len": self.seq_len,
+            "trained_tokens": self.trained_tokens,
             "seconds": self.seconds,
         }
 
@@ -101,11 +104,13 @@ def calibrate(cfg: DictConfig, base: str, rows: list[dict], pad_token_id: int, m
     """Measure the overhead (see the module's docstring); ``rows`` are the tokenized
     training rows, ``memory`` the run's started peak (its baseline is kept, its
     high-water mark restarted after)."""
+    from ftx.data.tokenized import most_trained
     from ftx.memory.plan import transformers_config
     from ftx.models import truncated_config
 
     started = time.perf_counter()
     batches, seq = calibration_batches(cfg, rows, pad_token_id)
+    trained = most_trained(rows)
     depth = transformers_config(cfg, base).num_hidden_layers
     measured, planned = {}, {}
     for layers in (d for d in DEPTHS if d <= depth):
@@ -114,7 +119,7 @@ def calibrate(cfg: DictConfig, base: str, rows: list[dict], pad_token_id: int, m
         with _random_state_kept():  # the run's seeded weights and batches do not depend on this
             _train_steps(cfg, base, config, batches)
         measured[layers] = int(memory.peak()["peak_bytes"])
-        planned[layers] = tensor_bytes(cfg, config, seq)
+        planned[layers] = tensor_bytes(cfg, config, seq, trained)
     memory.restart()
     residual = {d: measured[d] - planned[d] for d in measured}
     per_layer = max(0, residual[2] - residual[1]) if 2 in residual else 0
@@ -126,6 +131,7 @@ def calibrate(cfg: DictConfig, base: str, rows: list[dict], pad_token_id: int, m
         measured=measured,
         planned=planned,
         seq_len=seq,
+        trained_tokens=trained,
         seconds=time.perf_counter() - started,
     )
     log.info(

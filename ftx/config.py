@@ -221,8 +221,12 @@ class DataConfig:
     """How a prompt/completion prompt is shown to the model; the completion follows
     it, then EOS. (Conversations use the chat template instead.)"""
     chat_template: str | None = None
-    """Jinja chat template for conversations; null = the tokenizer's own, or ftx's
-    default (ftx.data.render.DEFAULT_CHAT_TEMPLATE) when it has none."""
+    """Jinja chat template for conversations, its text or the path of a .jinja file;
+    null = the tokenizer's own, or ftx's default (ftx.data.render.DEFAULT_CHAT_TEMPLATE)
+    when it has none."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables the chat template reads, in training and generation alike
+    (Qwen3: {enable_thinking: false}; Llama 3.1: {date_string: "26 Jul 2024"})."""
     max_length: int = 256
     """Tokens per example (per packed row with packing); longer examples are
     truncated, counted and reported."""
@@ -322,6 +326,10 @@ class TrainerConfig:
     checkpoint and requeue the job; the requeued run resumes)."""
     deterministic: bool = False
     """Force deterministic kernels (slower)."""
+    logits_chunk: int = 1024
+    """Tokens whose logits (output head + log-softmax) are computed at once, in the loss,
+    the held-out loss and every objective's log-probs: memory ~ chunk × vocabulary, not
+    batch × length × vocabulary. 0: the model's own full-logits forward (Hugging Face's path)."""
 
 
 @dataclass
@@ -380,6 +388,10 @@ class PlanConfig:
     at its shapes; ftx.calibration), and ``ftx plan`` on CPU leaves the term out."""
     chars_per_token: float = 4.0
     """Token estimate when the tokenizer is not available locally (English BPE)."""
+    seq_len: int | None = None
+    """Sequence length ``ftx plan`` plans a row at, tokens (data.max_length to plan full
+    rows before the data exists): null = the data's longest row (tokenized, or estimated
+    from characters; packed rows with data.packing). Runs plan their own rows."""
     hosted_usd_per_mtok: dict[str, float] = field(default_factory=dict)
     """Hosted fine-tuning prices, USD per 1M training tokens, keyed by provider/offer."""
 
@@ -474,6 +486,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     schema = OmegaConf.structured(Config)
     OmegaConf.set_struct(schema.objective.reward_weights, False)  # names are the user's reward parts
+    OmegaConf.set_struct(schema.data.chat_template_kwargs, False)  # names are the template's variables
     store.store(name="ftx_schema", node=schema)
     # sweeps/ stays a top-level folder (it is not a part of the experiment tree), so its
     # files join the config tree here rather than through a search path, which would

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from ftx.data import Example
 from ftx.data.render import Renderer
 from ftx.data.tokenized import encode_prompts, make_loader, renderer_for
+from ftx.models.head import labelled_logps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -115,16 +116,16 @@ def inference(model: PreTrainedModel, use_cache: bool = False) -> Iterator[None]
         model.train(was_training)
 
 
-def held_out_loss(model: PreTrainedModel, loader) -> float:
-    """Token-weighted mean cross-entropy over every batch of ``loader``."""
+def held_out_loss(model: PreTrainedModel, loader, chunk: int) -> float:
+    """Token-weighted mean cross-entropy over every batch of ``loader``, the head
+    run on ``chunk`` trained tokens at a time (:mod:`ftx.models.head`)."""
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     with inference(model):
         for batch in loader:
-            batch = {key: value.to(device) for key, value in batch.items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**batch).loss.item() * n
-            tokens += n
+            logps, _ = labelled_logps(model, {key: value.to(device) for key, value in batch.items()}, chunk)
+            total -= logps.sum().item()
+            tokens += len(logps)
     return total / max(tokens, 1)
 
 
@@ -196,7 +197,12 @@ def task_scores(
 
 
 def perplexity(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, chunk: int, max_tokens: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    chunk: int,
+    max_tokens: int,
+    logits_chunk: int = 0,
 ) -> float:
     """exp(mean next-token loss) over ``text`` cut into ``chunk``-token windows."""
     import torch
@@ -208,7 +214,7 @@ def perplexity(
     with inference(model):
         for window in windows:
             x = torch.tensor([window], device=device)
-            total += model(input_ids=x, labels=x).loss.item() * (len(window) - 1)
+            total -= labelled_logps(model, {"input_ids": x, "labels": x}, logits_chunk)[0].sum().item()
             count += len(window) - 1
     return math.exp(total / count)
 
@@ -223,14 +229,16 @@ def evaluate(
     """Every quality figure the data config defines, for one model state."""
     data = cfg.data
     loader = make_loader(cfg, tokenizer, examples, shuffle=False)
-    scores = {"eval_loss": held_out_loss(model, loader)}
+    scores = {"eval_loss": held_out_loss(model, loader, cfg.trainer.logits_chunk)}
     if data.task_metric is not None:
         each = task_scores(cfg, model, tokenizer, examples[: data.eval_examples])
         scores["task_score"] = sum(each) / len(each)
         scores[PER_EXAMPLE] = {"task_score": each}
     if data.general_text is not None:
         text = Path(data.general_text).read_text()
-        scores["general_ppl"] = perplexity(model, tokenizer, text, data.max_length, data.general_max_tokens)
+        scores["general_ppl"] = perplexity(
+            model, tokenizer, text, data.max_length, data.general_max_tokens, cfg.trainer.logits_chunk
+        )
     return scores
 
 

@@ -249,11 +249,12 @@ def _predict(cfg: DictConfig, base: str, dataset, memory, head: str, pad_token_i
     budget needs it; the calibration None where it does not apply (ftx.calibration).
     Raises OverBudget when over ``plan.budget_gb``, before the run's weights load."""
     from ftx import calibration
+    from ftx.data.tokenized import most_trained
     from ftx.memory.plan import fits_budget
 
-    lengths = _sequence_lengths(dataset)
+    lengths, trained = _sequence_lengths(dataset), most_trained(dataset.rows)
     try:
-        fits, predicted = fits_budget(cfg, base, lengths)
+        fits, predicted = fits_budget(cfg, base, lengths, trained=trained)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         if cfg.plan.budget_gb is not None:
             raise
@@ -262,7 +263,7 @@ def _predict(cfg: DictConfig, base: str, dataset, memory, head: str, pad_token_i
     measured = None
     if fits and calibration.applies(cfg, memory, head):  # the tensors alone may not fit: nothing to measure
         measured = calibration.calibrate(cfg, base, dataset.rows, pad_token_id, memory)
-        fits, predicted = fits_budget(cfg, base, lengths, measured.as_overhead())
+        fits, predicted = fits_budget(cfg, base, lengths, measured.as_overhead(), trained)
     log.info("predicted peak memory %.1f MiB (%s)", predicted.peak_bytes / 2**20, predicted.peak_phase)
     if not fits:
         raise OverBudget(predicted)

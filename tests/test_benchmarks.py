@@ -42,10 +42,11 @@ def test_step_clock_counts_steps_after_the_first_and_leaves_pauses_out(monkeypat
 def test_throughput_benchmark_runs_all_three_and_prints_ratios():
     tiny = ("--hidden", "64", "--layers", "1", "--seq", "32", "--batch", "2", "--steps", "3", "--rounds", "1")
     out = script("bench_throughput.py", *tiny)
-    assert "| runner | tokens/s (median) | runs |" in out
+    assert "| runner | tokens/s (median) | peak MiB (median) | runs (tokens/s) |" in out
     rates = dict(re.findall(r"^\| (ftx|trl|plain) \| (\d+) \|", out, re.M))
     assert set(rates) == {"ftx", "trl", "plain"} and all(int(v) > 0 for v in rates.values())
     assert re.search(r"^ftx / trl: \d+\.\d\dx", out, re.M) and re.search(r"^ftx / plain: \d+\.\d\dx", out, re.M)
+    assert re.search(r"^ftx / trl peak: \d+\.\d\dx", out, re.M) and re.search(r"^ftx planner: predicted", out, re.M)
 
 
 def test_startup_benchmark_times_each_command():

@@ -134,7 +134,9 @@ def test_dpo_loss_matches_trl_dpo_trainer(method, sft_weight, tiny_model_dir, ti
     theirs = trainer._compute_loss(model, inputs, return_outputs=False)
     torch.testing.assert_close(ours["loss"], theirs, **TOLERANCE)
     metrics = trainer._metrics["eval"]
-    assert ours["rewards_margin"].item() == pytest.approx(metrics["rewards/margins"][-1], abs=1e-5)
+    # A margin is β × a difference of sums over every response token: the chunked head's
+    # matmuls (trained rows only) and TRL's full-logits ones differ by float32 rounding.
+    assert ours["rewards_margin"].item() == pytest.approx(metrics["rewards/margins"][-1], abs=5e-5)
     assert ours["rewards_accuracy"].item() == pytest.approx(metrics["rewards/accuracies"][-1])
     assert ours["loss"].item() != pytest.approx(0.6931, abs=1e-3)  # policy differs from reference
 
@@ -179,7 +181,7 @@ def test_dpo_reference_is_the_base_with_adapter_disabled(tiny_model_dir, tiny_da
     before = module.reference_logps(batch)
     perturb_adapters(model)
     torch.testing.assert_close(module.reference_logps(batch), before)  # the reference did not move
-    assert not torch.allclose(dpo.sequence_logps(model, batch), before)  # the policy did
+    assert not torch.allclose(dpo.sequence_logps(model, batch, 8), before)  # the policy did
 
 
 def test_objectives_refuse_the_wrong_kind_of_data(tiny_model_dir, tiny_data, tmp_path):

@@ -57,8 +57,8 @@ def test_llama2_7b_known_values():
     qlora = plan_overrides(["model=llama2_7b", "method=qlora", "trainer=gpu"])
     linears = 6_738_415_616 - 2 * 32000 * 4096 - 65 * 4096  # minus embeddings, head, norms
     qlora_weights = {item.key: item.bytes for item in qlora.items}["weights"]
-    # 4-bit Linears + the rest upcast to fp32 by prepare_model_for_kbit_training + fp32 adapters
-    expected = linears * 0.515869 + (2 * 32000 * 4096 + 65 * 4096) * 4 + qlora.params_trainable * 4
+    # 4-bit Linears + the rest in model.dtype (bf16 for llama2_7b; no fp32 upcast) + fp32 adapters
+    expected = linears * 0.515869 + (2 * 32000 * 4096 + 65 * 4096) * 2 + qlora.params_trainable * 4
     assert qlora_weights == pytest.approx(expected, rel=1e-3)
     assert 3.3e9 < linears * 0.515869 < 3.5e9
     assert qlora.artefact_bytes == qlora.params_trainable * 4  # fp32 adapter
@@ -174,12 +174,13 @@ def test_a_cpu_run_measures_its_runtime_overhead_before_loading_weights(
     assert memory["predicted"]["overhead"] == calibration["overhead_bytes"]
     assert calibration["overhead_bytes"] == calibration["fixed_bytes"] + 2 * calibration["per_layer_bytes"]  # 2 layers
     assert sum(memory["predicted"].values()) == memory["predicted_bytes"]
-    lengths, estimated = token_lengths(cfg, str(tiny_model_dir))
+    lengths, estimated, _ = token_lengths(cfg, str(tiny_model_dir))
     assert not estimated and calibration["seq_len"] == max(lengths)  # the planned batch: the longest
     for depth in DEPTHS:
         config = truncated_config(cfg, str(tiny_model_dir), depth)
         assert config.num_hidden_layers == depth
-        assert calibration["planned_bytes"][str(depth)] == tensor_bytes(cfg, config, calibration["seq_len"])
+        planned = tensor_bytes(cfg, config, calibration["seq_len"], calibration["trained_tokens"])
+        assert calibration["planned_bytes"][str(depth)] == planned
         assert calibration["measured_bytes"][str(depth)] > 0
 
     stated = [*overrides, f"method={method}", "plan.cpu_overhead_mb=10", f"paths.output_dir={tmp_path / 'stated'}"]

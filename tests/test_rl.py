@@ -136,7 +136,7 @@ def test_grpo_loss_matches_trl_grpo_trainer(aggregation, loss_type, tiny_model_d
     rewards = torch.tensor([1.0, 0.0, 0.3, 0.9])
     advantages = grpo.group_advantages(rewards, K)
     ref_logps = module.reference_logps(rollout)
-    logps = completion_logps(model, rollout, cfg.objective.temperature)
+    logps = completion_logps(model, rollout, cfg.objective.temperature, cfg.trainer.logits_chunk)
     torch.manual_seed(2)
     old_logps = (logps + 0.3 * torch.randn_like(logps)).detach()  # reused samples: the clip is active
     inputs = trl_inputs(rollout) | {
@@ -172,7 +172,7 @@ def test_rloo_loss_matches_trl_rloo_trainer(tiny_model_dir, tiny_data, tmp_path)
     model.eval()
     rollout = fixed_rollout(cfg, tokenizer)
     rewards = torch.tensor([1.0, 0.0, 0.3, 0.9])
-    logps = completion_logps(model, rollout, cfg.objective.temperature)
+    logps = completion_logps(model, rollout, cfg.objective.temperature, cfg.trainer.logits_chunk)
     mask = rollout.completion_mask
     penalized, _ = rloo.kl_penalized_rewards(rewards, logps.detach(), module.reference_logps(rollout), mask, 0.05)
     advantages = rloo.leave_one_out_advantages(penalized, K)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from ftx.config import as_container
 from ftx.data.formats import SHOWN_PROBLEMS, DataError, Example, problems_error
 from ftx.data.render import IGNORE_INDEX, Renderer, TemplateError
 
@@ -81,7 +82,9 @@ class TokenizedSplit:
 
 
 def renderer_for(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> Renderer:
-    return Renderer(tokenizer, cfg.data.prompt_template, cfg.data.chat_template)
+    return Renderer(
+        tokenizer, cfg.data.prompt_template, cfg.data.chat_template, as_container(cfg.data.chat_template_kwargs)
+    )
 
 
 def tokenize_split(
@@ -95,6 +98,7 @@ def tokenize_split(
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "prompt_template": cfg.data.prompt_template,
         "chat_template": renderer.chat_template,
+        "chat_template_kwargs": renderer.template_kwargs,
         "max_length": cfg.data.max_length,
         "completion_only": cfg.objective.completion_only,
         "packing": packing,
@@ -293,6 +297,15 @@ def training_sequences(rows: list[dict]) -> list[dict[str, list[int]]]:
     """The sequences a split's rows train on: the row itself, or both sides of a
     preference pair (:class:`PairSplit`)."""
     return [side for row in rows for side in ((row["chosen"], row["rejected"]) if "chosen" in row else (row,))]
+
+
+def most_trained(rows: list[dict]) -> int | None:
+    """The most trained tokens (labelled, after the first) in one training sequence;
+    None for rows without labels (an RL objective's prompts)."""
+    sequences = training_sequences(rows)
+    if not sequences or "labels" not in sequences[0]:
+        return None
+    return max(sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in sequences)
 
 
 class PairSplit:

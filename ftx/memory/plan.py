@@ -19,9 +19,11 @@ trains (transformers + PEFT + bitsandbytes under Lightning), in bytes:
   layer's ops (:func:`_layer_activation_bytes`); the same accounting as Korthikanti
   et al. 2022 ("Reducing Activation Recomputation", §4.1: 34·s·b·h bytes per GPT
   layer in 16 bit), redone for RMSNorm, rotary embeddings, SwiGLU and LoRA paths.
-* logits and loss: transformers upcasts the logits to fp32 for cross-entropy; at
-  the start of backward the log-probabilities, their gradient and the logits'
-  gradient coexist: 12 bytes per token and vocabulary entry.
+* logits and loss: ftx runs the output head on ``trainer.logits_chunk`` trained
+  tokens at a time (:mod:`ftx.models.head`); in one chunk's backward its fp32
+  logits, log-probabilities and their gradient coexist: 12 bytes per chunk token and
+  vocabulary entry, beside the fp32 hidden states of the batch's tokens (with
+  ``logits_chunk=0``, transformers' full logits: 12 bytes per token and entry).
 
 The peak is the larger of two moments: the start of backward (everything saved
 for it, plus the loss buffers) and the optimizer step (weights, gradients, states
@@ -273,20 +275,27 @@ def configured_overhead(cfg: DictConfig, device: str) -> Overhead:
 
 
 def plan(
-    cfg: DictConfig, base: str | None = None, lengths: list[int] | None = None, overhead: Overhead | None = None
+    cfg: DictConfig,
+    base: str | None = None,
+    lengths: list[int] | None = None,
+    overhead: Overhead | None = None,
+    trained: int | None = None,
 ) -> Plan:
     """Predict a run of ``cfg``. ``base`` is the resolved base directory when known
     (ftx train); ``lengths`` the tokenized training examples' lengths when known;
-    ``overhead`` the runtime overhead a run measured (else :func:`configured_overhead`)."""
+    ``overhead`` the runtime overhead a run measured (else :func:`configured_overhead`);
+    ``trained`` the most trained tokens of one sequence, when known (else all are)."""
     from ftx.memory import device_of
 
     arch = architecture(transformers_config(cfg, base))
-    estimated = False
-    if lengths is None:
-        lengths, estimated = token_lengths(cfg, base)
+    estimated, seq = False, None
+    if lengths is None:  # ftx plan: before (or without) the run's own tokenized rows
+        lengths, estimated, tokenized_trained = token_lengths(cfg, base)
+        trained = trained if trained is not None else tokenized_trained
+        seq = cfg.plan.seq_len
     device = device_of(cfg.trainer.accelerator)  # the device the run will measure on
-    seq = max(lengths)
-    memory, peak_phase = _memory_items(cfg, arch, device, seq, overhead or configured_overhead(cfg, device))
+    seq = seq or max(lengths)
+    memory, peak_phase = _memory_items(cfg, arch, device, seq, overhead or configured_overhead(cfg, device), trained)
     train = _training_cost(cfg, arch, lengths)
     # The verdict is against the budget, else the GPU's memory; a CPU run without a
     # budget has nothing to be checked against.
@@ -334,21 +343,26 @@ class OverBudget(Exception):
 
 
 def fits_budget(
-    cfg: DictConfig, base: str | None = None, lengths: list[int] | None = None, overhead: Overhead | None = None
+    cfg: DictConfig,
+    base: str | None = None,
+    lengths: list[int] | None = None,
+    overhead: Overhead | None = None,
+    trained: int | None = None,
 ) -> tuple[bool, Plan]:
     """(fits, plan) against ``plan.budget_gb``; always fits when there is no budget.
     Sweeps call this to skip trials before training."""
-    predicted = plan(cfg, base, lengths, overhead)
+    predicted = plan(cfg, base, lengths, overhead, trained)
     return cfg.plan.budget_gb is None or bool(predicted.fits), predicted
 
 
-def tensor_bytes(cfg: DictConfig, config, seq: int) -> int:
+def tensor_bytes(cfg: DictConfig, config, seq: int, trained: int | None = None) -> int:
     """The planned peak of the model's tensors alone (no runtime overhead) for a
-    transformers ``config`` trained as ``cfg`` says, at batch × ``seq`` tokens."""
+    transformers ``config`` trained as ``cfg`` says, at batch × ``seq`` tokens
+    (``trained`` of each sequence's trained, when known)."""
     from ftx.memory import device_of
 
     device = device_of(cfg.trainer.accelerator)
-    items, _ = _memory_items(cfg, architecture(config), device, seq, Overhead(0, ""))
+    items, _ = _memory_items(cfg, architecture(config), device, seq, Overhead(0, ""), trained)
     return sum(item.at_peak for item in items)
 
 
@@ -385,16 +399,14 @@ def _trainable_tensors(cfg: DictConfig, arch: Architecture) -> list[int]:
 def _param_bytes(cfg: DictConfig) -> tuple[int, int]:
     """(bytes of base parameters that are not quantized, bytes of adapter parameters).
 
-    Lightning's *-true precisions cast the whole module; a quantized base has its
-    other parameters upcast to fp32 by PEFT's prepare_model_for_kbit_training; PEFT
-    creates adapters in fp32 (autocast_adapter_dtype).
+    Lightning's *-true precisions cast the whole module; a quantized base keeps its
+    other parameters in model.dtype (ftx.models.apply_lora); PEFT creates adapters in
+    fp32 (autocast_adapter_dtype).
     """
     if cfg.trainer.precision in HALF_TRUE:
         return 2, 2
     if cfg.trainer.precision == "64-true":
         return 8, 8
-    if cfg.quant.bits != 16:
-        return 4, 4
     return DTYPE_BYTES[cfg.model.dtype], 4
 
 
@@ -410,7 +422,7 @@ def _artefact_bytes(cfg: DictConfig, arch: Architecture) -> int:
 
 
 def _memory_items(
-    cfg: DictConfig, arch: Architecture, device: str, seq: int, overhead: Overhead
+    cfg: DictConfig, arch: Architecture, device: str, seq: int, overhead: Overhead, trained: int | None = None
 ) -> tuple[list[Item], str]:
     """The breakdown, and the moment of the peak."""
     method, quant, trainer = cfg.method, cfg.quant, cfg.trainer
@@ -426,15 +438,20 @@ def _memory_items(
     states, step_temp, states_note = _optimizer(cfg, tensors, trainable_bytes, device)
     mixed = trainer.precision.endswith("-mixed")
     copies = 0
+    # autocast casts each fp32 weight a matmul uses to 16 bit; autograd keeps the
+    # copy for backward (trainable leaves are also cached for the forward).
     if mixed and base_bytes == 4:
-        # autocast casts each fp32 weight a matmul uses to 16 bit; autograd keeps the
-        # copy for backward (trainable leaves are also cached for the forward).
         copies = sum(lin.d_in * lin.d_out for lin in arch.linears if lin not in quantized) * 2
-        if not full:
-            copies += sum(method.r * (lin.d_in + lin.d_out) for lin in adapter_targets(arch.linears, method)) * 2
+    if mixed and not full and adapter_bytes == 4:  # fp32 adapters, on any base
+        copies += sum(method.r * (lin.d_in + lin.d_out) for lin in adapter_targets(arch.linears, method)) * 2
     tokens = trainer.batch_size * seq
     activations = _activation_bytes(cfg, arch, seq, device) * trainer.batch_size
-    logits = 12 * tokens * arch.vocab
+    # The loss runs the head on trainer.logits_chunk trained tokens at a time
+    # (ftx.models.head): one chunk's logits live, beside the trained rows' hidden states.
+    chunk = cfg.trainer.logits_chunk
+    labelled = trainer.batch_size * min(seq, trained if trained is not None else seq)
+    logit_rows = min(chunk, labelled) if chunk > 0 else tokens
+    logits = 12 * logit_rows * arch.vocab + (4 * tokens * arch.hidden if chunk > 0 else 0)
     temporaries = _layer_temporaries(cfg, arch, tokens, quantized)
 
     states_live = 0 if cfg.optim.name == "paged_adamw_8bit" and device == "cuda" else states
@@ -477,7 +494,8 @@ def _memory_items(
             "logits and loss buffers",
             int(logits),
             int(logits) if in_backward and loss_live else 0,
-            f"fp32 log-probs + 2 grads: 12 B × {tokens:,} tokens × {arch.vocab:,} vocab",
+            f"fp32 log-probs + 2 grads: 12 B × {logit_rows:,} tokens × {arch.vocab:,} vocab"
+            + (f" (trainer.logits_chunk={chunk}; the {tokens:,} tokens' hidden states beside)" if chunk > 0 else ""),
         ),
         Item(
             "layer_temporaries",
@@ -650,23 +668,28 @@ def _layer_temporaries(cfg: DictConfig, arch: Architecture, tokens: int, quantiz
 # ------------------------------------------------------------------------ time and cost
 
 
-def token_lengths(cfg: DictConfig, base: str | None = None) -> tuple[list[int], bool]:
-    """Lengths of the training examples in tokens, and whether they are estimated.
+def token_lengths(cfg: DictConfig, base: str | None = None) -> tuple[list[int], bool, int | None]:
+    """Lengths of the training examples in tokens, whether they are estimated, and
+    the most trained tokens of one (None when estimated: all of them, at most).
 
     Tokenized exactly as training does when the tokenizer is on this machine;
     otherwise characters / plan.chars_per_token (about 4 for English BPE).
     """
     from ftx.data import Preference, load_splits
-    from ftx.data.tokenized import tokenize_split
+    from ftx.data.tokenized import most_trained, tokenize_split
 
     records = load_splits(cfg).train
     examples = [side for r in records for side in r.as_examples()] if isinstance(records[0], Preference) else records
     tokenizer = _local_tokenizer(cfg, base)
     if tokenizer is not None:
         split = tokenize_split(cfg, tokenizer, examples, packing=cfg.data.packing)
-        return [len(row["input_ids"]) for row in split.rows], False
+        return [len(row["input_ids"]) for row in split.rows], False, most_trained(split.rows)
     chars = [_characters(example, cfg.data.prompt_template) for example in examples]
-    return [min(cfg.data.max_length, math.ceil(n / cfg.plan.chars_per_token) + 1) for n in chars], True
+    lengths = [min(cfg.data.max_length, math.ceil(n / cfg.plan.chars_per_token) + 1) for n in chars]
+    if cfg.data.packing:  # rows filled to data.max_length, as packing fills them
+        full, rest = divmod(sum(lengths), cfg.data.max_length)
+        lengths = [cfg.data.max_length] * full + ([rest] if rest else [])
+    return lengths, True, None
 
 
 def _characters(example, prompt_template: str) -> int:

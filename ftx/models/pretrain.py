@@ -214,19 +214,28 @@ def random_llama(out_dir: Path, texts: list[str], tokenizer_vocab: int, vocab_si
     ``shape`` is LlamaConfig's (hidden_size, num_hidden_layers, …); the vocabulary is
     the tokenizer's unless ``vocab_size`` makes it larger. Seeded: same shape, same weights.
     """
+    return random_model(out_dir, texts, tokenizer_vocab, "llama", vocab_size, **shape)
+
+
+def random_model(
+    out_dir: Path, texts: list[str], tokenizer_vocab: int, model_type: str, vocab_size: int | None = None, **shape
+) -> Path:
+    """:func:`random_llama` for any transformers ``model_type`` (qwen2, llama, …), its
+    ``shape`` as in a published config.json."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = train_tokenizer(texts, vocab_size=tokenizer_vocab)
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=max(vocab_size or 0, len(tokenizer)),
         **shape,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(out_dir)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -20,6 +20,7 @@ class ObjectiveModule(L.LightningModule):
         # the frozen (possibly 4-bit) base is reloaded from its source on resume.
         self.strict_loading = not self.adapter
         self.on_nonfinite = cfg.trainer.on_nonfinite
+        self.logits_chunk = cfg.trainer.logits_chunk
         self.skipped_steps = 0
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from ftx.data.render import IGNORE_INDEX
 from ftx.data.tokenized import make_pair_loader, pair_loaders
 from ftx.evaluation import evaluate as evaluate_examples
 from ftx.evaluation import inference
+from ftx.models.head import sequence_logps
 from ftx.objectives.base import ObjectiveModule, disable_dropout
 
 HEAD = "causal_lm"
@@ -66,23 +67,6 @@ def sft_term(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.T
     return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of log π(token) over each sequence's trained (response) tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    per_token = token_logps(logits[:, :-1].float(), labels.masked_fill(~mask, 0))
-    return (per_token * mask).sum(-1)
-
-
-def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] without materialising the full log-softmax: the
-    gathered logit minus the logsumexp, as TRL's ``selective_log_softmax`` does for
-    float32 (written out here: importing TRL's trainer utilities costs seconds and
-    prints W&B's banner on stdout, which ``ftx eval`` keeps for its JSON)."""
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 loaders = pair_loaders
 
 
@@ -95,7 +79,9 @@ def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
     wins = []
     with inference(model):
         for batch in make_pair_loader(cfg, tokenizer, splits.eval, shuffle=False):
-            chosen, rejected = sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).chunk(2)
+            chosen, rejected = sequence_logps(
+                model, {k: v.to(device) for k, v in batch.items()}, cfg.trainer.logits_chunk
+            ).chunk(2)
             wins.append(chosen > rejected)
     return scores | {"pair_accuracy": torch.cat(wins).float().mean().item()}
 
@@ -119,9 +105,9 @@ class Module(ObjectiveModule):
             return torch.stack([self.precomputed[_key(ids, mask)] for ids, mask in rows])
         with torch.no_grad():
             if self.reference == "copy":
-                return sequence_logps(self.frozen[0], batch)
+                return sequence_logps(self.frozen[0], batch, self.logits_chunk)
             with self.model.disable_adapter():
-                return sequence_logps(self.model, batch)
+                return sequence_logps(self.model, batch, self.logits_chunk)
 
     def on_fit_start(self) -> None:
         if self.frozen is not None:
@@ -140,12 +126,12 @@ class Module(ObjectiveModule):
                         [rows[i] for i in range(start, min(start + loader.batch_size, len(rows)))]
                     )
                     batch = {k: v.to(self.device) for k, v in batch.items()}
-                    logps = sequence_logps(self.model, batch)
+                    logps = sequence_logps(self.model, batch, self.logits_chunk)
                     for ids, mask, logp in zip(batch["input_ids"], batch["attention_mask"], logps, strict=True):
                         self.precomputed[_key(ids, mask)] = logp
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        chosen, rejected = sequence_logps(self.model, batch).chunk(2)
+        chosen, rejected = sequence_logps(self.model, batch, self.logits_chunk).chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
         values = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
         if self.sft_weight:

@@ -32,10 +32,11 @@ from omegaconf import DictConfig
 
 from ftx.config import reward_part
 from ftx.data import Example, Preference
-from ftx.data.render import Renderer
+from ftx.data.render import IGNORE_INDEX
 from ftx.data.tokenized import Collator, SplitStats, encode_prompts, renderer_for
 from ftx.evaluation import PER_EXAMPLE, TASK_METRICS, inference, stop_ids
 from ftx.evaluation import evaluate as evaluate_examples
+from ftx.models.head import labelled_logps
 from ftx.objectives.base import ObjectiveModule, disable_dropout
 
 HEAD = "causal_lm"
@@ -172,17 +173,22 @@ def completion_mask(completion_ids: torch.Tensor, stops: list[int]) -> torch.Ten
     return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long()
 
 
-def completion_logps(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+def completion_logps(model, rollout: Rollout, temperature: float, chunk: int) -> torch.Tensor:
     """log π(token) of each completion token (B, T), from logits scaled by the
-    sampling temperature, as TRL scores them."""
-    from trl.trainer.utils import selective_log_softmax
-
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
-    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    sampling temperature, as TRL scores them; 0 past a completion's end. The head
+    runs on ``chunk`` completion tokens at a time (:mod:`ftx.models.head`)."""
     width = rollout.completion_ids.shape[1]
-    logits = logits[:, -width - 1 : -1].float() / temperature
-    return selective_log_softmax(logits, rollout.completion_ids)
+    targets = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, IGNORE_INDEX)
+    batch = {
+        "input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
+        "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
+        "labels": torch.cat([torch.full_like(rollout.prompt_ids, IGNORE_INDEX), targets], 1),
+    }
+    logps, (rows, positions) = labelled_logps(model, batch, chunk, temperature)
+    out = logps.new_zeros(rollout.completion_ids.shape)
+    # Position p of the shifted labels predicts token p + 1: completion token p + 1 - (length - width).
+    out[rows, positions + 1 - (batch["input_ids"].shape[1] - width)] = logps
+    return out
 
 
 # ------------------------------------------------------------------------ reward
@@ -199,7 +205,7 @@ class Reward:
         if cfg.objective.reward_model is not None:
             self.model, tokenizer = load_reward_model(cfg.objective.reward_model, str(device))
             # The reward model reads prompt + completion rendered as it was trained.
-            self.renderer = Renderer(tokenizer, cfg.data.prompt_template, cfg.data.chat_template)
+            self.renderer = renderer_for(cfg, tokenizer)
             self.collate = Collator(tokenizer.pad_token_id, packed=False)
         self.max_length = cfg.data.max_length
 
@@ -342,15 +348,15 @@ class PolicyGradientModule(ObjectiveModule):
     def reference_logps(self, rollout: Rollout) -> torch.Tensor:
         with torch.no_grad():
             if self.frozen is not None:
-                return completion_logps(self.frozen[0], rollout, self.settings.temperature)
+                return completion_logps(self.frozen[0], rollout, self.settings.temperature, self.logits_chunk)
             with self.model.disable_adapter():
-                return completion_logps(self.model, rollout, self.settings.temperature)
+                return completion_logps(self.model, rollout, self.settings.temperature, self.logits_chunk)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         k = self.settings.num_generations
         rollout = sample(self.model, self.tokenizer, batch, k, self.settings, self.cfg.data.max_new_tokens, self.stops)
         rewards = self.reward(rollout)
-        logps = completion_logps(self.model, rollout, self.settings.temperature)
+        logps = completion_logps(self.model, rollout, self.settings.temperature, self.logits_chunk)
         values = self.loss_terms(logps, self.reference_logps(rollout), rewards["reward"], rollout.completion_mask)
         if self.checked(values["loss"]) is None:
             return None

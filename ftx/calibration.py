@@ -100,17 +100,17 @@ def applies(cfg: DictConfig, memory: PeakMemory, head: str) -> bool:
     return memory.device == "cpu" and cfg.plan.cpu_overhead_mb is None and head == "causal_lm" and single
 
 
-def calibrate(cfg: DictConfig, base: str, rows: list[dict], pad_token_id: int, memory: PeakMemory) -> Calibration:
+def calibrate(
+    cfg: DictConfig, base: str, rows: list[dict], pad_token_id: int, memory: PeakMemory, trained: int | None
+) -> Calibration:
     """Measure the overhead (see the module's docstring); ``rows`` are the tokenized
-    training rows, ``memory`` the run's started peak (its baseline is kept, its
-    high-water mark restarted after)."""
-    from ftx.data.tokenized import most_trained
+    training rows, ``trained`` the most trained tokens of one (ftx.data.tokenized.most_trained),
+    ``memory`` the run's started peak (its baseline is kept, its high-water mark restarted after)."""
     from ftx.memory.plan import transformers_config
     from ftx.models import truncated_config
 
     started = time.perf_counter()
     batches, seq = calibration_batches(cfg, rows, pad_token_id)
-    trained = most_trained(rows)
     depth = transformers_config(cfg, base).num_hidden_layers
     measured, planned = {}, {}
     for layers in (d for d in DEPTHS if d <= depth):

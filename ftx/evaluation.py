@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 from ftx.data import Example
 from ftx.data.render import Renderer
 from ftx.data.tokenized import encode_prompts, make_loader, renderer_for
-from ftx.models.head import labelled_logps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -119,6 +118,8 @@ def inference(model: PreTrainedModel, use_cache: bool = False) -> Iterator[None]
 def held_out_loss(model: PreTrainedModel, loader, chunk: int) -> float:
     """Token-weighted mean cross-entropy over every batch of ``loader``, the head
     run on ``chunk`` trained tokens at a time (:mod:`ftx.models.head`)."""
+    from ftx.models.head import labelled_logps
+
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     with inference(model):
@@ -206,6 +207,8 @@ def perplexity(
 ) -> float:
     """exp(mean next-token loss) over ``text`` cut into ``chunk``-token windows."""
     import torch
+
+    from ftx.models.head import labelled_logps
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     windows = [ids[i : i + chunk] for i in range(0, len(ids) - 1, chunk) if len(ids[i : i + chunk]) > 1]

@@ -262,7 +262,7 @@ def _predict(cfg: DictConfig, base: str, dataset, memory, head: str, pad_token_i
         return None, None
     measured = None
     if fits and calibration.applies(cfg, memory, head):  # the tensors alone may not fit: nothing to measure
-        measured = calibration.calibrate(cfg, base, dataset.rows, pad_token_id, memory)
+        measured = calibration.calibrate(cfg, base, dataset.rows, pad_token_id, memory, trained)
         fits, predicted = fits_budget(cfg, base, lengths, measured.as_overhead(), trained)
     log.info("predicted peak memory %.1f MiB (%s)", predicted.peak_bytes / 2**20, predicted.peak_phase)
     if not fits:

@@ -20,8 +20,10 @@ An assistant turn's trained characters:
   moves the system message into the last user turn, so earlier turns render
   differently once later ones follow);
 - end with the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``,
-  ``<end_of_turn>``, ``<|end|>``, ``</s>``…): the first special token after the
-  answer in a probe conversation, found again after each turn's start. Whitespace
+  ``<end_of_turn>``, ``<|end|>``, ``</s>``…: the first added token after the answer
+  in a probe conversation), its last occurrence within the turn (an answer quoting
+  the token's text is not cut); a template without one ends the turn where its
+  content ends. Whitespace
   the template writes after it (ChatML's newline) and what it writes at the end of
   a conversation (Phi-3's EOS) are formatting, not the assistant's.
 

@@ -326,10 +326,13 @@ class TrainerConfig:
     checkpoint and requeue the job; the requeued run resumes)."""
     deterministic: bool = False
     """Force deterministic kernels (slower)."""
-    logits_chunk: int = 1024
+    logits_chunk: int = 256
     """Tokens whose logits (output head + log-softmax) are computed at once, in the loss,
-    the held-out loss and every objective's log-probs: memory ~ chunk × vocabulary, not
-    batch × length × vocabulary. 0: the model's own full-logits forward (Hugging Face's path)."""
+    the held-out loss and every objective's log-probs: memory ~ 12 B × chunk × vocabulary
+    (0.15 GB at 256 × 152K), not batch × length × vocabulary. The gradient is taken in the
+    same pass, so a smaller chunk costs little speed until the head's matmul gets thin
+    (measured on CPU at Qwen2.5's vocabulary: 64 tokens 0.8× the speed of 256-1024).
+    0: the model's own full-logits forward (Hugging Face's path)."""
 
 
 @dataclass
@@ -377,6 +380,11 @@ class PlanConfig:
     """On-demand price of one such GPU, USD per hour: set your provider's."""
     mfu: float = 0.35
     """Model FLOPs utilisation assumed: achieved / peak FLOP/s (PaLM reached 46%)."""
+    cpu_tflops: float = 0.04
+    """Training FLOP/s a CPU run reaches, TFLOP/s (achieved, not peak): for the time of
+    CPU runs and sweeps before one has been measured. 0.04: ftx's default run on 2 idle
+    cores of this project's machine (4.18e12 planned FLOPs, ~3,900 tokens/s: ~100 s);
+    about half that with another job on the machine."""
     budget_gb: float | None = None
     """Memory budget, GB: runs predicted above it stop before loading weights (status
     pruned), so sweeps skip them; null = no budget (plan compares to gpu_memory_gb)."""
@@ -723,6 +731,8 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
         raise ConfigError(f"plan.mfu={plan.mfu} must be in (0, 1]: the share of the GPU's peak FLOP/s reached.")
     if plan.budget_gb is not None and plan.budget_gb <= 0:
         raise ConfigError(f"plan.budget_gb={plan.budget_gb} must be > 0, or null for no budget.")
+    if plan.cpu_tflops <= 0:
+        raise ConfigError(f"plan.cpu_tflops={plan.cpu_tflops} must be > 0 (the TFLOP/s a CPU run reaches).")
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".ndjson")

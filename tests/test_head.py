@@ -68,6 +68,51 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_path(tied, adapter):
             torch.testing.assert_close(got[name], expected[name], **TOLERANCE, msg=name)
 
 
+@pytest.mark.parametrize("adapter", [None, "lora", "lora+head"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_losses_weighting_each_token_differently_get_the_full_logits_gradients(tied, adapter):
+    """DPO's sigmoid of sequence sums and GRPO's per-token advantages weight each
+    token's log-prob differently: the gradient kept per token (frozen head) and the
+    checkpointed chunks (trained head) must give the same gradients as the full
+    logits for such a loss too."""
+    model = tiny_model(tied, adapter)
+    batch = batch_of()
+    weights = torch.tensor([1.5, -0.7, 0.3])
+
+    def loss(chunk: int) -> torch.Tensor:
+        sums = sequence_logps(model, batch, chunk)
+        logps, (rows, _) = labelled_logps(model, batch, chunk, temperature=0.8)
+        return -torch.nn.functional.logsigmoid(weights * sums).sum() - (weights[rows] * logps.exp()).mean()
+
+    expected = grads(model, loss(0))
+    for chunk in (1, 7, 4096):
+        got = grads(model, loss(chunk))
+        assert got.keys() == expected.keys() and len(got) > 0
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], **TOLERANCE, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "per_token", "runs"),
+    [("lora", True, 1), ("lora", False, 1), (None, False, 1), ("lora+head", False, 1), (None, True, 2)],
+    ids=["frozen-head-logps", "frozen-head-loss", "full-loss", "head-adapter-loss", "full-logps-recomputed"],
+)
+def test_the_head_runs_once_per_chunk_where_the_gradient_allows(adapter, per_token, runs):
+    """A frozen head, or a trained head under the mean cross-entropy, takes its
+    gradient in the forward pass: one head matmul per chunk in forward and
+    backward together, as the full-logits path; only per-token log-probs through a
+    trained head are recomputed (checkpointing)."""
+    model = tiny_model(tied=False, adapter=adapter)
+    base = model.get_base_model() if adapter else model
+    calls = []
+    base.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    batch = batch_of()
+    out = sequence_logps(model, batch, 7).sum() if per_token else causal_lm_loss(model, batch, 7)
+    out.backward()
+    chunks = -(-int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) // 7)
+    assert len(calls) == runs * chunks
+
+
 def test_sequence_and_token_logps_equal_the_full_logits_path():
     model = tiny_model(tied=True, adapter="lora").eval()
     batch = batch_of()

@@ -20,10 +20,11 @@ trains (transformers + PEFT + bitsandbytes under Lightning), in bytes:
   et al. 2022 ("Reducing Activation Recomputation", §4.1: 34·s·b·h bytes per GPT
   layer in 16 bit), redone for RMSNorm, rotary embeddings, SwiGLU and LoRA paths.
 * logits and loss: ftx runs the output head on ``trainer.logits_chunk`` trained
-  tokens at a time (:mod:`ftx.models.head`); in one chunk's backward its fp32
-  logits, log-probabilities and their gradient coexist: 12 bytes per chunk token and
-  vocabulary entry, beside the fp32 hidden states of the batch's tokens (with
-  ``logits_chunk=0``, transformers' full logits: 12 bytes per token and entry).
+  tokens at a time (:mod:`ftx.models.head`), taking the gradient in the same pass;
+  in one chunk its fp32 logits, log-probabilities and their gradient coexist: 12
+  bytes per chunk token and vocabulary entry, beside the fp32 hidden states of the
+  trained tokens and their gradient (with ``logits_chunk=0``, transformers' full
+  logits: 12 bytes per token and entry).
 
 The peak is the larger of two moments: the start of backward (everything saved
 for it, plus the loss buffers) and the optimizer step (weights, gradients, states
@@ -233,6 +234,10 @@ class Plan:
     flops: float
     gpu: str
     train_s: float
+    """Training seconds on one ``gpu`` at ``mfu``."""
+    device_train_s: float
+    """Training seconds on the run's own device: ``train_s`` on CUDA, FLOPs at
+    ``plan.cpu_tflops`` on CPU."""
     cost_usd: float
     mfu: float
     hosted_usd: dict[str, float] = field(default_factory=dict)
@@ -326,6 +331,7 @@ def plan(
         flops=train["flops"],
         gpu=cfg.plan.gpu,
         train_s=train["seconds"],
+        device_train_s=train["seconds"] if device == "cuda" else train["flops"] / (cfg.plan.cpu_tflops * 1e12),
         cost_usd=train["seconds"] / 3600 * cfg.plan.price_per_hour,
         mfu=cfg.plan.mfu,
         hosted_usd={k: train["tokens"] / 1e6 * v for k, v in as_container(cfg.plan.hosted_usd_per_mtok).items()},
@@ -447,11 +453,12 @@ def _memory_items(
     tokens = trainer.batch_size * seq
     activations = _activation_bytes(cfg, arch, seq, device) * trainer.batch_size
     # The loss runs the head on trainer.logits_chunk trained tokens at a time
-    # (ftx.models.head): one chunk's logits live, beside the trained rows' hidden states.
+    # (ftx.models.head): one chunk's logits live, beside the trained rows' hidden
+    # states and their gradient (taken in the forward pass).
     chunk = cfg.trainer.logits_chunk
     labelled = trainer.batch_size * min(seq, trained if trained is not None else seq)
     logit_rows = min(chunk, labelled) if chunk > 0 else tokens
-    logits = 12 * logit_rows * arch.vocab + (4 * tokens * arch.hidden if chunk > 0 else 0)
+    logits = 12 * logit_rows * arch.vocab + (8 * labelled * arch.hidden if chunk > 0 else 0)
     temporaries = _layer_temporaries(cfg, arch, tokens, quantized)
 
     states_live = 0 if cfg.optim.name == "paged_adamw_8bit" and device == "cuda" else states
@@ -495,7 +502,11 @@ def _memory_items(
             int(logits),
             int(logits) if in_backward and loss_live else 0,
             f"fp32 log-probs + 2 grads: 12 B × {logit_rows:,} tokens × {arch.vocab:,} vocab"
-            + (f" (trainer.logits_chunk={chunk}; the {tokens:,} tokens' hidden states beside)" if chunk > 0 else ""),
+            + (
+                f" (trainer.logits_chunk={chunk}; {labelled:,} trained tokens' hidden states and gradients beside)"
+                if chunk > 0
+                else ""
+            ),
         ),
         Item(
             "layer_temporaries",
@@ -791,6 +802,8 @@ def describe(p: Plan) -> str:
         f"training: {p.tokens:,} tokens{estimated}, {p.flops:.3g} FLOPs → {human_seconds(p.train_s)} on one "
         f"{p.gpu} at {100 * p.mfu:.0f}% MFU, ${p.cost_usd:,.2f}"
     )
+    if p.device != "cuda":
+        lines.append(f"  here, on the CPU: about {human_seconds(p.device_train_s)} (plan.cpu_tflops)")
     for provider, usd in p.hosted_usd.items():
         lines.append(f"  hosted {provider}: ${usd:,.2f}")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ commands:
                         (= ftx train -m sweep=NAME); resumes when run again
                         e.g. ftx sweep lora_rank_lr hydra.sweeper.n_trials=40
                              ftx sweep quality_vs_vram hydra/launcher=joblib hydra.launcher.n_jobs=2
+                             ftx sweep lora_rank_lr --plan   (trials, memory and time; no training)
                              ftx sweep --list
   eval TARGET [overrides]
                         score a run directory or a model directory on the data
@@ -321,6 +322,16 @@ def sweep(args: list[str]) -> None:
     if args[0] not in names:
         print(f"ftx sweep: no sweep {args[0]!r}; choose from: {', '.join(names)}", file=sys.stderr)
         raise SystemExit(2)
+    if "--plan" in args:
+        from ftx.config import ConfigError
+        from ftx.sweep import plan_sweep
+
+        try:
+            print(plan_sweep(args[0], [a for a in args[1:] if a != "--plan"]))
+        except ConfigError as error:
+            print(f"ftx sweep: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     run_hydra(train_job, ["-m", f"sweep={args[0]}", *args[1:]], prog="ftx sweep")
 
 

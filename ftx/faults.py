@@ -13,14 +13,23 @@ Preemption: SIGTERM (Lightning stops at the next batch boundary) and SIGUSR1 sav
 ``checkpoints/last.ckpt`` before the run exits, so the same command resumes it.
 Under SLURM with ``trainer.slurm_requeue=true`` Lightning's own handler takes
 SIGUSR1 instead: it saves a checkpoint and requeues the job.
+
+A sweep is stopped the same way (:func:`stop_on_signals`): SIGTERM, SIGINT or
+SIGUSR1 to the sweep's process sets :data:`STOP` and writes a stop file in the
+sweep directory; every trial of the sweep, in that process or in a worker or a
+SLURM job of its own (the stop file is how they hear of it), checks both at each
+batch and stops there as on its own signal, saving its checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,87 @@ LAST = "last.ckpt"
 
 class Preempted(RuntimeError):
     """The run stopped on a signal after saving a checkpoint to resume from."""
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM", checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.signal_name, self.checkpoint = signal_name, checkpoint
+
+    def __reduce__(self):  # a joblib worker or a SLURM job sends it back pickled
+        return (Preempted, (str(self), self.signal_name, self.checkpoint))
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+class StopRequest:
+    """A request to stop this process's work at the next safe point: the name of the
+    signal that asked, once one did; ``watch`` adds a stop file another process
+    (a sweep's driver) writes."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.files: list[Path] = []
+        self.writes: Path | None = None  # the stop file a sweep's driver writes for its trials
+        self.depth = 0  # stop_on_signals blocks open: a request lasts as long as the outermost
+
+    def request(self, name: str) -> None:
+        """A signal asked this process to stop (no-op outside a stop_on_signals block)."""
+        if self.depth == 0:
+            return
+        if self.signal is None:
+            self.signal = name
+            log.warning("%s: stopping at the next batch of each running trial; no new trial starts", name)
+        if self.writes is not None and not self.writes.exists():
+            self.writes.write_text(name)
+
+    def requested(self) -> str | None:
+        if self.signal is None:
+            for path in self.files:
+                if path.is_file():
+                    self.signal = path.read_text().strip() or "SIGTERM"
+                    break
+        return self.signal
+
+
+STOP = StopRequest()
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop_file: Path | None = None, write: bool = False) -> Iterator[StopRequest]:
+    """While the block runs, SIGTERM, SIGINT and SIGUSR1 request a stop (:data:`STOP`)
+    instead of ending the process; ``write``: the signal is also written to
+    ``stop_file`` for the processes that watch it (a sweep's trials), else the
+    block watches ``stop_file``. Handlers are installed from the main thread only
+    (Python's rule); nested blocks keep the outer handlers' effect."""
+    previous: dict[int, Any] = {}
+    if STOP.depth == 0:
+        STOP.signal = None  # a process (a reused joblib worker) may serve several sweeps
+    STOP.depth += 1
+    writes = STOP.writes
+    if stop_file is not None and write:
+        STOP.writes = stop_file
+    elif stop_file is not None:
+        STOP.files.append(stop_file)
+
+    def note(signum: int, frame: Any) -> None:
+        STOP.request(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                signum = getattr(signal, name)
+                previous[signum] = signal.signal(signum, note)
+    try:
+        yield STOP
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if stop_file is not None and stop_file in STOP.files:
+            STOP.files.remove(stop_file)
+        STOP.writes = writes
+        STOP.depth -= 1
+        if STOP.depth == 0:
+            STOP.signal = None
 
 
 class OutOfMemory(RuntimeError):
@@ -153,36 +243,55 @@ class ResumeState(L.Callback):
 
 
 class Preemption(L.Callback):
-    """Save ``checkpoints/last.ckpt`` when SIGTERM or SIGUSR1 arrives, then stop."""
+    """Save ``checkpoints/last.ckpt`` when SIGTERM or SIGUSR1 arrives, then stop.
+
+    A signal stops the run at the start of the next batch, where Lightning's loop
+    counters and the sampler's position agree; but not at an epoch's first batch:
+    Lightning 2.6 restores a checkpoint written there (or at an epoch's end) as if
+    that epoch were over, and the resumed run skipped its data, so the run goes on
+    to the second batch. In a single process SIGTERM is taken from Lightning for
+    this reason (it acts on SIGTERM at an epoch's end too). Several processes (DDP)
+    keep Lightning's SIGTERM handling, which stops every rank together."""
 
     def __init__(self, checkpoint_dir: Path, handle_sigusr1: bool) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.handle_sigusr1 = handle_sigusr1
         self._signal: str | None = None
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self.saved: Path | None = None  # the checkpoint written on a signal
         self.signal: str | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self.handle_sigusr1 and hasattr(signal, "SIGUSR1"):
-            self._previous = signal.signal(signal.SIGUSR1, self._note)
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # on_train_start: after Lightning has installed its own handlers (after on_fit_start)
+        names = (["SIGUSR1"] if self.handle_sigusr1 else []) + (["SIGTERM"] if trainer.world_size == 1 else [])
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in names:
+            if hasattr(signal, name):
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._note)
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._restore()
 
     def _note(self, signum: int, frame: Any) -> None:
         self._signal = signal.Signals(signum).name
+        STOP.request(self._signal)  # a sweep this run is a trial of stops too
 
     def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
-            self._previous = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         # Here, not at the end of the batch before: Lightning has counted that batch as
         # completed, so the checkpoint resumes exactly after it (as with SIGTERM).
+        if self._signal is None and STOP.requested() is not None:
+            self._signal = STOP.signal  # the sweep this run is a trial of was signalled
+        if self._signal is not None and batch_idx == 0 and trainer.num_training_batches > 1:
+            return  # see the class's docstring: a checkpoint at an epoch's first batch resumes an epoch late
         if self._signal is not None:
-            raise Preempted(f"received {self._signal}")
+            raise Preempted(f"received {self._signal}", self._signal)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         """Save where the run stands (Lightning re-raises the exception afterwards);

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,12 +41,14 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from ftx.config import ConfigError, validate
+from ftx.faults import Preempted
 from ftx.tracking import flatten
 from ftx.train import RunPruned
 
 log = logging.getLogger(__name__)
 
 STORAGE_FILE = "optuna.db"
+STOP_FILE = ".stop"  # written when the sweep is signalled; its trials stop at their next batch
 BEST_FILES = ("best.txt", "best.yaml")
 # Trial-side overrides the sweeper adds to each job; not part of a re-run command.
 _TRIAL_KEYS = ("sweep_trial.number", "sweep_trial.trial_id")
@@ -262,6 +265,8 @@ def _known_optuna_warnings_off() -> Iterator[None]:
 
 
 def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str], launch: Launch) -> optuna.Study:
+    from ftx.faults import stop_on_signals
+
     sweep_dir = Path(config.hydra.sweep.dir)
     space = check_settings(settings, arguments)
     # What every trial shares is checked once, before any trial: a wrong value (say
@@ -270,16 +275,35 @@ def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str
     validate(config)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(settings, sweep_dir, space)
+    stop_file = sweep_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # an earlier stop's request: this run resumes what it stopped
+    with stop_on_signals(stop_file, write=True) as stop:
+        _trial_loop(study, settings, space, config, launch, stop)
+        stopped_by = stop.signal
+    write_best(study, sweep_dir, config)
+    if stopped_by is not None:
+        _stopped(study, settings, stopped_by)
+    return study
+
+
+def _trial_loop(study, settings: DictConfig, space: SearchSpace, config: DictConfig, launch: Launch, stop) -> None:
+    """Ask, launch and tell in batches of the launcher's parallelism until
+    ``n_trials`` trials have finished or a signal asks the sweep to stop."""
+    sweep_dir = Path(config.hydra.sweep.dir)
     batch_size = settings.n_jobs or launcher_parallelism(config.hydra.launcher)
+    progress = Progress(study, settings.n_trials, batch_size, lambda: planned_seconds(config))
     log.info(
-        "study %s in %s: %d of %d trials done; %d at a time",
+        "study %s in %s: %d of %d trials done; %d to run, %d at a time%s",
         settings.study_name,
         storage_url(settings, sweep_dir),
         finished_trials(study),
         settings.n_trials,
+        progress.to_go(),
         batch_size,
+        progress.left_text(),
     )
-    while True:
+    while stop.requested() is None:
+        _pause_orphans_that_stopped(study, sweep_dir)
         optuna.storages.fail_stale_trials(study)  # a killed worker's trials: failed, then retried
         to_go = settings.n_trials - finished_trials(study)
         if to_go <= 0:
@@ -302,10 +326,100 @@ def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str
             for trial in trials:
                 _tell(study, trial, state=TrialState.FAIL)
             raise
+        progress.batch_done(trials)
         for trial, job in zip(trials, returns, strict=True):
             tell(study, trial, job, settings)
-    write_best(study, sweep_dir, config)
-    return study
+            progress.trial_done(study.trials[trial.number])
+
+
+class Progress:
+    """How far a sweep is and how long the rest will take: from this run's finished
+    trials once there are any (elapsed / finished × to go: parallel workers
+    included), else from the study's earlier trials (``seconds`` each took, run
+    ``batch`` at a time), else the planner's training time of the sweep's base config."""
+
+    def __init__(self, study: optuna.Study, n_trials: int, batch: int, planned: Callable[[], float | None]) -> None:
+        self.study, self.n_trials, self.batch, self.planned = study, n_trials, batch, planned
+        self.started, self.finished_here = time.monotonic(), 0
+        self.batch_started = self.started
+
+    def to_go(self) -> int:
+        return max(self.n_trials - finished_trials(self.study), 0)
+
+    def seconds_left(self) -> tuple[float, str] | None:
+        to_go = self.to_go()
+        if to_go == 0:
+            return 0.0, "done"
+        if self.finished_here:
+            return (time.monotonic() - self.started) / self.finished_here * to_go, "measured"
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        earlier = [t.user_attrs["seconds"] for t in trials if "seconds" in t.user_attrs]
+        if earlier:
+            return sum(earlier) / len(earlier) * math.ceil(to_go / self.batch), "the study's earlier trials"
+        planned = self.planned()
+        if planned is None:
+            return None
+        return planned * math.ceil(to_go / self.batch), "planner: training only, scoring not included"
+
+    def left_text(self) -> str:
+        left = self.seconds_left()
+        if left is None or left[1] == "done":
+            return ""
+        from ftx.memory.plan import human_seconds
+
+        return f"; about {human_seconds(left[0])} left ({left[1]})"
+
+    def batch_done(self, trials: Sequence[optuna.Trial]) -> None:
+        seconds = time.monotonic() - self.batch_started
+        for trial in trials:  # launched together: each took the batch's wall time
+            trial.set_user_attr("seconds", seconds)
+        self.batch_started = time.monotonic()
+
+    def trial_done(self, trial: FrozenTrial) -> None:
+        if not trial.state.is_finished():  # stopped (waiting to resume): said by _pause
+            return
+        self.finished_here += 1
+        log.info(
+            "trial %d/%d done (#%d, %s)%s",
+            finished_trials(self.study),
+            self.n_trials,
+            trial.number,
+            trial.state.name.lower(),
+            self.left_text(),
+        )
+
+
+def planned_seconds(config: DictConfig) -> float | None:
+    """The planner's training time of one run of ``config`` on its device, or None
+    when it cannot plan it (a base it cannot read)."""
+    from ftx.memory.plan import plan
+
+    try:
+        return plan(config).device_train_s
+    except Exception as error:  # the estimate is a courtesy: never stop a sweep over it
+        log.info("no time estimate from the planner: %s: %s", type(error).__name__, error)
+        return None
+
+
+def _stopped(study: optuna.Study, settings: DictConfig, signal_name: str) -> None:
+    """End a sweep a signal stopped: say what was saved and how to resume, and exit
+    128 + the signal's number (the shell's convention for a process a signal ended)."""
+    import shlex
+    import signal
+    import sys
+
+    waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if "stopped" in t.user_attrs]
+    lines = [
+        f"sweep {settings.study_name} stopped on {signal_name}: "
+        f"{finished_trials(study)} of {settings.n_trials} trials finished"
+    ]
+    for trial in waiting:
+        lines.append(f"  trial {trial.number} paused, resumes first: {trial.user_attrs['stopped']}")
+    lines.append("resume: " + shlex.join(["ftx", "train", *sys.argv[1:]]))
+    text = "\n".join(lines)
+    log.warning("%s", text)
+    print(text, file=sys.stderr)
+    raise SystemExit(128 + getattr(signal, signal_name, signal.SIGTERM).value)
 
 
 def launcher_parallelism(launcher: DictConfig) -> int:
@@ -346,6 +460,9 @@ def tell(study: optuna.Study, trial: optuna.Trial, job: Any, settings: DictConfi
         trial.set_user_attr("run_dir", str(job.hydra_cfg.hydra.runtime.output_dir))
     if job.status != JobStatus.COMPLETED:
         error = job._return_value  # JobReturn.return_value would re-raise it
+        if isinstance(error, Preempted):
+            _pause(study, trial, error)
+            return
         trial.set_user_attr("error", f"{type(error).__name__}: {error}")
         log.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
         _tell(study, trial, state=TrialState.FAIL)
@@ -371,6 +488,35 @@ def tell(study: optuna.Study, trial: optuna.Trial, job: Any, settings: DictConfi
         return
     _tell(study, trial, values)
     log.info("trial %d: %s", trial.number, _values_text(settings.objectives, values))
+
+
+def _pause(study: optuna.Study, trial: optuna.Trial, error: Preempted) -> None:
+    """A trial a signal stopped after saving its checkpoint is not a failure: back to
+    WAITING, with its parameters and number, so that the next ``study.ask`` (this
+    sweep's, or the same command's again) runs it first and its run resumes from the
+    checkpoint in the same run directory."""
+    trial.set_user_attr("stopped", str(error))
+    trial.set_user_attr("stops", trial.user_attrs.get("stops", 0) + 1)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+    log.warning("trial %d stopped: %s", trial.number, error)
+
+
+def _pause_orphans_that_stopped(study: optuna.Study, sweep_dir: Path) -> None:
+    """Trials left RUNNING by a driver that died before it could record them (a
+    ``scancel`` whose KillWait ran out) but whose run says it stopped with a
+    checkpoint: paused like the trials a live driver records, not failed."""
+    import json
+    from datetime import datetime
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        for record_file in sweep_dir.glob(f"{trial.number}-*/metrics.json"):
+            # written by this attempt (after it started), not left by an earlier stop
+            written = datetime.fromtimestamp(record_file.stat().st_mtime)
+            record = json.loads(record_file.read_text())
+            if record.get("status") == "stopped" and trial.datetime_start and written >= trial.datetime_start:
+                study._storage.set_trial_user_attr(trial._trial_id, "stopped", record.get("error", "stopped"))
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+                log.warning("trial %d was stopped (%s); it resumes first", trial.number, record.get("error"))
 
 
 def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, error: str, max_retry: int) -> None:
@@ -401,6 +547,75 @@ def _finite(value: Any) -> bool:
 
 def _values_text(keys: Sequence[str], values: Sequence[float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in zip(keys, values, strict=True))
+
+
+# ------------------------------------------------------------------- plan a sweep
+
+
+def plan_sweep(name: str, arguments: Sequence[str]) -> str:
+    """``ftx sweep NAME --plan``: the trials a sweep will run, the planner's memory
+    and training time per trial at the corners of its space (every choice, both ends
+    of an int range, the low end of a float one) and the total, without training."""
+    import itertools
+
+    from ftx.config import compose_config
+    from ftx.memory.plan import human_bytes, human_seconds, plan
+
+    hydra_args = [a for a in arguments if a.startswith(("hydra.", "hydra/"))]
+    cfg = compose_config([f"sweep={name}", *hydra_args], with_hydra=True)
+    settings = cfg.hydra.sweeper
+    space = check_settings(settings, [a for a in arguments if a not in hydra_args])
+    batch = settings.n_jobs or launcher_parallelism(cfg.hydra.launcher)
+    corners = {key: _corners(d) for key, d in space.distributions.items()}
+    combos = list(itertools.islice(itertools.product(*corners.values()), 48))
+    done = _finished_in_storage(settings, cfg.hydra.sweep.dir)
+    to_go = max(settings.n_trials - done, 0)
+    keys = list(corners)
+    rows, seconds = [], []
+    for values in combos:
+        params = dict(zip(keys, values, strict=True))
+        trial_cfg = compose_config([f"sweep={name}", *hydra_args, *space.fixed, *params_overrides(params)])
+        validate(trial_cfg)
+        planned = plan(trial_cfg)
+        seconds.append(planned.device_train_s)
+        rows.append([*(str(v) for v in values), human_bytes(planned.peak_bytes), human_seconds(planned.device_train_s)])
+    header = [*keys, "peak memory", "training"]
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    table = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    mean = sum(seconds) / len(seconds)
+    device = plan(compose_config([f"sweep={name}", *hydra_args, *space.fixed])).device
+    return "\n".join(
+        [
+            f"sweep {name}: {settings.n_trials} trials, {done} finished, {to_go} to run, "
+            f"{batch} at a time, on {device}",
+            "planned per trial at the corners of the space (training only; scoring adds):",
+            *("  " + line for line in table),
+            f"total: about {human_seconds(mean * math.ceil(to_go / batch))} "
+            f"({to_go} trials × {human_seconds(mean)} mean, {batch} at a time)",
+        ]
+    )
+
+
+def _corners(distribution: BaseDistribution) -> list[Any]:
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return sorted({distribution.low, distribution.high})
+    return [distribution.low]  # a float (a learning rate): no effect on memory or time
+
+
+def _finished_in_storage(settings: DictConfig, sweep_dir: str) -> int:
+    """Finished trials of the study already in its storage (0 when it has none yet);
+    never creates the storage."""
+    url = storage_url(settings, sweep_dir)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return 0
+    try:
+        with _known_optuna_warnings_off():
+            study = optuna.load_study(study_name=settings.study_name, storage=make_storage(settings, url))
+    except KeyError:  # no such study yet
+        return 0
+    return finished_trials(study)
 
 
 # ---------------------------------------------------------------------- best trials
@@ -464,7 +679,14 @@ def trial_link(cfg: DictConfig, sweeper: DictConfig, sweep_dir: str) -> Iterator
     if sweeper.pruner is not None:
         sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         callbacks.append(PruningCallback(trial, sweeper.prune_on, sign))
-    with _heartbeat(storage, cfg.sweep_trial.trial_id, sweeper.heartbeat_interval):
+    from ftx.faults import stop_on_signals
+
+    # A signal to this process, or the sweep's stop file, stops the trial at its next
+    # batch with a checkpoint (ftx.faults.Preemption), wherever the trial runs.
+    with (
+        _heartbeat(storage, cfg.sweep_trial.trial_id, sweeper.heartbeat_interval),
+        stop_on_signals(Path(sweep_dir) / STOP_FILE),
+    ):
         yield callbacks
 
 

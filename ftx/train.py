@@ -71,7 +71,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             record["memory"] = {"peak_bytes": int(pruned.peak_bytes)}
         close_failed_run(exit_code=0)
     except BaseException as error:
-        record["status"] = "failed"
+        from ftx.faults import Preempted
+
+        # stopped: on a signal, with a checkpoint the same command resumes from
+        record["status"] = "stopped" if isinstance(error, Preempted) else "failed"
         record["error"] = f"{type(error).__name__}: {error}"
         record.update(getattr(error, "record", {}))  # what a failure measured (memory at an OOM)
         record["traceback"] = traceback.format_exc(limit=8)
@@ -331,7 +334,9 @@ def _explained(error: BaseException, trainer, preemption, memory, predicted) -> 
     if preemption.saved is not None:
         return Preempted(
             f"{preemption.signal} at step {trainer.global_step}: saved {preemption.saved}; "
-            "run the same command (same run directory) to resume"
+            "run the same command (same run directory) to resume",
+            preemption.signal,
+            str(preemption.saved),
         )
     if is_out_of_memory(error):
         peak = memory.peak()

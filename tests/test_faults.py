@@ -99,7 +99,7 @@ def test_signal_saves_a_checkpoint_and_the_same_command_resumes(
     stopped = subprocess.run([sys.executable, str(FAULT_RUN), name, "8", *overrides], capture_output=True, text=True)
     assert stopped.returncode != 0
     record = read_metrics(tmp_path)
-    assert record["status"] == "failed" and f"SIG{name} at step" in record["error"] and "resume" in record["error"]
+    assert record["status"] == "stopped" and f"SIG{name} at step" in record["error"] and "resume" in record["error"]
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] in (8, 9)  # SIGUSR1 is acted on at the next batch boundary
     # adapter checkpoints hold the trainable tensors only, not the frozen base
@@ -108,6 +108,22 @@ def test_signal_saves_a_checkpoint_and_the_same_command_resumes(
     resumed = ftx_main("train", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_metrics(tmp_path)["status"] == "completed"
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_a_signal_at_an_epochs_end_resumes_at_the_next_epoch(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
+    """SIGTERM after an epoch's last batch: Lightning 2.6 resumes a checkpoint written
+    at the epoch's end, or at the next epoch's first batch, an epoch late (its data
+    skipped). The run stops after the next epoch's first batch instead."""
+    overrides = resumable(tiny_model_dir, tiny_data, tmp_path)
+    stopped = subprocess.run(
+        [sys.executable, str(FAULT_RUN), "TERM", "end-of-epoch-0", *overrides], capture_output=True, text=True
+    )
+    assert stopped.returncode != 0
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 7 and checkpoint["epoch"] == 1  # 6 batches an epoch
+    resumed = ftx_main("train", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path, uninterrupted)
 
 

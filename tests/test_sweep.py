@@ -228,6 +228,48 @@ def test_a_lost_job_is_failed_and_its_parameters_run_again(tmp_path):
     assert study.trials[1].user_attrs["retry_of"] == 0 and study.trials[1].params == study.trials[0].params
 
 
+def test_a_trial_stopped_by_a_signal_waits_and_runs_again_under_its_number(tmp_path):
+    """Preempted (its own SIGTERM, a SLURM preemption): not a failure. The trial goes
+    back to WAITING with its parameters, and the next ask runs it again under the
+    same number, so its run resumes from the checkpoint in the same directory."""
+    from ftx.faults import Preempted
+
+    class PreemptsOnce(FakeLauncher):
+        def __call__(self, jobs, first):
+            if not self.launched:
+                self.launched += jobs
+                error = Preempted("SIGTERM at step 7: saved x/checkpoints/last.ckpt", "SIGTERM", "x")
+                return [SimpleNamespace(status=JobStatus.FAILED, _return_value=error, hydra_cfg=None)]
+            return super().__call__(jobs, first)
+
+    settings, config = fake_settings(tmp_path, n_trials=2)
+    launcher = PreemptsOnce(tmp_path)
+    study = run_sweep(settings, config, [], launcher)
+    assert [t.number for t in study.trials] == [0, 1]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert launcher.launched[0] == launcher.launched[1]  # the same parameters and trial number again
+    assert "sweep_trial.number=0" in launcher.launched[1]
+    assert study.trials[0].user_attrs["stopped"].startswith("SIGTERM at step 7")
+
+
+def test_an_orphan_whose_run_stopped_is_resumed_not_failed(tmp_path):
+    """A driver killed before recording its stopped trial (scancel past KillWait): the
+    next sweep finds the trial RUNNING with a stale heartbeat, but its run directory
+    says it stopped with a checkpoint, so it is paused and resumed, not failed."""
+    settings, config = fake_settings(tmp_path, n_trials=1)
+    study = open_study(settings, tmp_path, check_settings(settings))
+    orphan = study.ask({"method.r": CategoricalDistribution([4, 8, 16])})
+    study._storage.record_heartbeat(orphan._trial_id)
+    run_dir = tmp_path / "0-tiny-lora-none"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"status": "stopped", "error": "Preempted: SIGTERM at step 3"}))
+    time.sleep(3)  # > grace_period: the heartbeat is stale
+    launcher = FakeLauncher(tmp_path)
+    study = run_sweep(settings, config, [], launcher)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # the same trial, resumed: nothing failed
+    assert study.trials[0].params == orphan.params and "sweep_trial.number=0" in launcher.launched[0]
+
+
 def test_memory_budget_makes_big_trials_infeasible(tmp_path):
     # eval loss 1/r favours the largest rank; the budget (10 MiB, peak = r MiB) forbids r=16
     launcher = FakeLauncher(tmp_path)
@@ -276,7 +318,7 @@ def test_single_objective_sweep_prunes_a_lagging_trial_and_resumes(tiny_model_di
     assert len(study.trials[0].intermediate_values) == 4  # one value per validation, through the storage
     with sqlite3.connect(tmp_path / "optuna.db") as db:  # each trial's job beat its heartbeat
         assert db.execute("select count(distinct trial_id) from trial_heartbeats").fetchone() == (2,)
-    assert "trial 2 done (#1, pruned)" in out.stdout + out.stderr
+    assert "trial 2/2 done (#1, pruned)" in out.stdout + out.stderr
     best = (tmp_path / "best.txt").read_text()
     assert "ftx train sweep=lora_rank_lr" in best and "optim.lr=0.02" in best
     csv = (tmp_path / "trials.csv").read_text()

@@ -29,6 +29,8 @@ class MultirunReport(Callback):
 
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             return
+        if str(config.hydra.sweeper.get("_target_", "")).endswith("FtxOptunaSweeper"):
+            return  # ftx's sweeper says it, with the trials to go and the time left (ftx.sweep.Progress)
         self.finished += 1
         status = job_return.status.name.lower()
         if status == "completed" and isinstance(job_return.return_value, dict):

@@ -123,6 +123,8 @@ def test_a_signalled_sweep_stops_and_the_same_command_resumes_it(
     assert (trial_dir(tmp_path, 1) / "checkpoints" / "last.ckpt").is_file()
     assert read_metrics(trial_dir(tmp_path, 1))["status"] == "stopped"
     assert "trial 1 paused" in output and "resume: ftx train" in output
+    assert "0 of 3 trials done; 3 to run, 1 at a time; about" in output  # the time, up front (planner)
+    assert "trial 1/3 done (#0, complete); about" in output  # then measured
     first_record = (trial_dir(tmp_path, 0) / "metrics.json").read_text()
 
     again = ftx_main("sweep", *args)

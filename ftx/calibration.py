@@ -101,16 +101,17 @@ def applies(cfg: DictConfig, memory: PeakMemory, head: str) -> bool:
 
 
 def calibrate(
-    cfg: DictConfig, base: str, rows: list[dict], pad_token_id: int, memory: PeakMemory, trained: int | None
+    cfg: DictConfig, base: str, dataset, pad_token_id: int, memory: PeakMemory, trained: int | None
 ) -> Calibration:
-    """Measure the overhead (see the module's docstring); ``rows`` are the tokenized
-    training rows, ``trained`` the most trained tokens of one (ftx.data.tokenized.most_trained),
-    ``memory`` the run's started peak (its baseline is kept, its high-water mark restarted after)."""
+    """Measure the overhead (see the module's docstring); ``dataset`` is the training
+    set (a tokenized split or a pair split: its ``sequences()``), ``trained`` the most
+    trained tokens of one (ftx.data.tokenized.most_trained), ``memory`` the run's
+    started peak (its baseline is kept, its high-water mark restarted after)."""
     from ftx.memory.plan import transformers_config
     from ftx.models import truncated_config
 
     started = time.perf_counter()
-    batches, seq = calibration_batches(cfg, rows, pad_token_id)
+    batches, seq = calibration_batches(cfg, dataset, pad_token_id)
     depth = transformers_config(cfg, base).num_hidden_layers
     measured, planned = {}, {}
     for layers in (d for d in DEPTHS if d <= depth):
@@ -143,20 +144,20 @@ def calibrate(
     return result
 
 
-def calibration_batches(cfg: DictConfig, rows: list[dict], pad_token_id: int) -> tuple[list[dict], int]:
+def calibration_batches(cfg: DictConfig, dataset, pad_token_id: int) -> tuple[list[dict], int]:
     """The batches of LENGTHS (each repeated for gradient accumulation), and the
     longest length. Sequences are the training rows (either side of a preference
     pair; a prompt row trains on itself), ``trainer.batch_size`` of them, collated as
     training collates them."""
-    from ftx.data.tokenized import Collator, training_sequences
+    from ftx.data.tokenized import Collator
     from ftx.memory.plan import training_steps
 
-    sequences = [s if "labels" in s else {**s, "labels": s["input_ids"]} for s in training_sequences(rows)]
+    sequences = [s if "labels" in s else {**s, "labels": s["input_ids"]} for s in dataset.sequences()]
     ordered = sorted(sequences, key=lambda s: len(s["input_ids"]))
     size = min(cfg.trainer.batch_size, len(ordered))
     collate = Collator(pad_token_id, packed=cfg.data.packing)
     batches = []
-    for quantile in LENGTHS[: max(1, int(training_steps(cfg.trainer, len(rows))))]:
+    for quantile in LENGTHS[: max(1, int(training_steps(cfg.trainer, len(dataset))))]:
         end = size + round(quantile * (len(ordered) - size))  # the batch_size sequences up to that quantile
         batches += [collate(ordered[end - size : end])] * cfg.trainer.accumulate_grad_batches
     return batches, len(ordered[-1]["input_ids"])
@@ -221,3 +222,33 @@ def _quiet():
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def predict_run(cfg: DictConfig, base: str, dataset, memory: PeakMemory, head: str, pad_token_id: int):
+    """(the planner's prediction for this run's training set, the calibration that
+    measured its runtime overhead). The prediction is None for an architecture the
+    planner cannot read, unless a budget needs it; the calibration None where it does
+    not apply (:func:`applies`). Raises OverBudget when over ``plan.budget_gb``,
+    before the run's weights load."""
+    from ftx.data.tokenized import most_trained
+    from ftx.memory.plan import OverBudget, fits_budget
+
+    sequences = dataset.sequences()
+    # Pairs train 2B sequences a step (and DPO adds a reference pass): the planner
+    # models an SFT step over these lengths, a lower bound for them.
+    lengths, trained = [len(s["input_ids"]) for s in sequences], most_trained(sequences)
+    try:
+        fits, predicted = fits_budget(cfg, base, lengths, trained=trained)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        if cfg.plan.budget_gb is not None:
+            raise
+        log.warning("no memory prediction for this model (%s: %s)", type(error).__name__, error)
+        return None, None
+    measured = None
+    if fits and applies(cfg, memory, head):  # the tensors alone may not fit: nothing to measure
+        measured = calibrate(cfg, base, dataset, pad_token_id, memory, trained)
+        fits, predicted = fits_budget(cfg, base, lengths, measured.as_overhead(), trained)
+    log.info("predicted peak memory %.1f MiB (%s)", predicted.peak_bytes / 2**20, predicted.peak_phase)
+    if not fits:
+        raise OverBudget(predicted)
+    return predicted, measured

@@ -105,14 +105,16 @@ def load_target(target: str, overrides: list[str]):
     else:
         cfg = compose_config(["model=hf", f"model.name_or_path={target}", f"paths.output_dir={path}", *overrides])
     validate(cfg)
-    if cfg.objective.name == "reward":
+    from ftx.objectives import OBJECTIVES
+
+    if OBJECTIVES.fact(cfg.objective.name, "HEAD") == "reward":
         raise ValueError(
             f"{target} is a reward model (objective=reward): it scores sequences rather than generating. "
             "Its adapter/ loads with AutoModelForSequenceClassification(num_labels=1) + PeftModel; "
             "its held-out figures are in metrics.json."
         )
     if run_config.is_file():
-        from ftx.models.export import load_run
+        from ftx.runs import load_run
 
         model, tokenizer = load_run(path)
     else:
@@ -132,7 +134,7 @@ def saved_config(run_dir: Path, overrides: list[str]):
     (``data=NAME``) cannot be re-made from a resolved config, so it is refused."""
     from omegaconf import DictConfig, OmegaConf
 
-    from ftx.models.export import run_config
+    from ftx.runs import run_config
 
     cfg, absent = run_config(run_dir), object()
     for override in overrides:
@@ -282,7 +284,7 @@ def export(args: list[str]) -> None:
     parser.add_argument("--out", required=True, help="new directory to write")
     parser.add_argument("--adapter-only", action="store_true", help="copy the PEFT adapter instead of merging")
     options = parser.parse_args(args)
-    from ftx.models.export import export_run
+    from ftx.runs import export_run
 
     out = export_run(Path(options.run_dir), Path(options.out), adapter_only=options.adapter_only)
     print(f"wrote {out}")

@@ -4,12 +4,8 @@ on the result after with the same code, and by `ftx eval` on its own."""
 
 from __future__ import annotations
 
-import functools
-import importlib
-import json
 import math
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,79 +15,10 @@ from omegaconf import DictConfig
 from ftx.data import Example
 from ftx.data.render import Renderer
 from ftx.data.tokenized import encode_prompts, make_loader, renderer_for
+from ftx.metrics import resolve_metric
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-
-def json_fields(prediction: str, reference: str) -> float:
-    """Share of the reference object's fields reproduced exactly; 0 if the
-    prediction is not a JSON object. Partial credit shows progress a strict
-    exact match would hide."""
-    expected = json.loads(reference)
-    try:
-        predicted = json.loads(prediction)
-    except json.JSONDecodeError:
-        return 0.0
-    if not isinstance(predicted, dict):
-        return 0.0
-    return sum(predicted.get(key) == value for key, value in expected.items()) / len(expected)
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1 when the completion equals the reference, ignoring surrounding whitespace."""
-    return float(prediction.strip() == reference.strip())
-
-
-def contains(prediction: str, reference: str) -> float:
-    """1 when the reference occurs in the completion."""
-    return float(reference.strip() in prediction)
-
-
-def json_valid(prediction: str, reference: str) -> float:
-    """1 when the completion parses as JSON, whatever it says."""
-    try:
-        json.loads(prediction)
-    except json.JSONDecodeError:
-        return 0.0
-    return 1.0
-
-
-def regex_match(prediction: str, reference: str, pattern: str) -> float:
-    """1 when the whole completion (stripped) matches ``pattern``."""
-    return float(re.fullmatch(pattern, prediction.strip(), flags=re.DOTALL) is not None)
-
-
-def json_schema_match(prediction: str, reference: str, schema: dict) -> float:
-    """1 when the completion is JSON that validates against ``schema``."""
-    import jsonschema
-
-    try:
-        jsonschema.validate(json.loads(prediction), schema)
-    except (json.JSONDecodeError, jsonschema.ValidationError):
-        return 0.0
-    return 1.0
-
-
-TASK_METRICS: dict[str, Callable[[str, str], float]] = {
-    "exact_match": exact_match,
-    "contains": contains,
-    "json_valid": json_valid,
-    "json_fields": json_fields,
-}
-
-
-def resolve_metric(data: DictConfig) -> Callable[[str, str], float]:
-    """The (prediction, reference) -> score function named by ``data.task_metric``."""
-    name = data.task_metric
-    if name in TASK_METRICS:
-        return TASK_METRICS[name]
-    if name == "regex":
-        return functools.partial(regex_match, pattern=data.regex)
-    if name == "json_schema":
-        return functools.partial(json_schema_match, schema=json.loads(Path(data.json_schema).read_text()))
-    module, _, function = name.partition(":")
-    return getattr(importlib.import_module(module), function)
 
 
 @contextmanager
@@ -189,7 +116,8 @@ def task_scores(
     metric = resolve_metric(cfg.data)
     renderer = renderer_for(cfg, tokenizer)
     examples, prompts = encode_prompts(renderer, examples, cfg.data.on_error)
-    predictions = generate(model, tokenizer, prompts, cfg.data.max_new_tokens, stop_ids(model, renderer))
+    stops = stop_ids(model, renderer)
+    predictions = generate(model, tokenizer, prompts, cfg.data.max_new_tokens, stops, cfg.data.eval_batch_size)
     scores = [float(metric(p, e.reference())) for p, e in zip(predictions, examples, strict=True)]
     bad = next((s for s in scores if not math.isfinite(s)), None)
     if bad is not None:

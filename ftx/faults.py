@@ -351,3 +351,37 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def find_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint this run resumes from (``trainer.resume``), checked against the
+    config it was written under; None to start over."""
+    resume = resume_path(cfg.trainer.resume, run_dir / "checkpoints", run_dir)
+    if resume:
+        check_resumable(resume, cfg, strict=cfg.trainer.resume == "auto")
+        log.info("resuming from %s", resume)
+    return resume
+
+
+def explain(error: BaseException, trainer, preemption: Preemption, memory, predicted) -> BaseException:
+    """The error a failed fit reports: preemption (with its checkpoint) and
+    out-of-memory (beside the planner's estimate) get their own message."""
+    if preemption.saved is not None:
+        return Preempted(
+            f"{preemption.signal} at step {trainer.global_step}: saved {preemption.saved}; "
+            "run the same command (same run directory) to resume",
+            preemption.signal,
+            str(preemption.saved),
+        )
+    if is_out_of_memory(error):
+        peak = memory.peak()
+        estimate = predicted.peak_bytes if predicted is not None else None
+        said = f"; the planner predicted {estimate / 2**30:.2f} GiB for this run" if estimate else ""
+        oom = OutOfMemory(
+            f"out of memory on {peak['device']} at step {trainer.global_step} (peak {peak['peak_bytes'] / 2**30:.2f} "
+            f"GiB so far{said}). Lower trainer.batch_size or data.max_length, set "
+            "model.gradient_checkpointing=true, or use method=qlora; ftx plan shows what fits."
+        )
+        oom.record = {"memory": peak | {"predicted_bytes": estimate}}
+        return oom
+    return error

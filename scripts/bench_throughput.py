@@ -22,7 +22,7 @@ token rows (every row exactly ``--seq`` tokens, all trained), the same optimiser
 batch, steps, precision and device for all three, each in a fresh process; the
 runners are interleaved round by round (their order rotating) so drift in the
 machine's speed hits them alike. Each reports steady-state tokens/s with one
-definition (``ftx.objectives.meter.StepClock``): tokens of every step after the
+definition (``ftx.tracking.meter.StepClock``): tokens of every step after the
 first, over the time from the end of the first step to the end of the last.
 Prints each round, then the medians and the ratios ftx/TRL and ftx/plain.
 
@@ -230,7 +230,7 @@ def _peer(kind: str, model_dir: Path, data: Path, result: Path, args: argparse.N
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ftx.objectives.meter import StepClock
+    from ftx.tracking.meter import StepClock
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -60,7 +60,8 @@ def main() -> None:
     from ftx.cli import load_target
     from ftx.data.formats import Example
     from ftx.data.tokenized import renderer_for
-    from ftx.evaluation import generate, resolve_metric, stop_ids
+    from ftx.evaluation import generate, stop_ids
+    from ftx.metrics import resolve_metric
 
     model, tokenizer, cfg = load_target(args.target, ["data=json_extract"])
     metric = resolve_metric(cfg.data)

@@ -40,7 +40,7 @@ def main() -> None:
 
     from ftx.config import compose_config
     from ftx.data import Example
-    from ftx.objectives.policy_gradient import Reward
+    from ftx.objectives.rewards import Reward
 
     overrides = ["objective=grpo", f"objective.reward_model={args.reward_model}", "objective.reward_functions=[]"]
     reward = Reward(compose_config(overrides), "cpu")  # only its reward model is used

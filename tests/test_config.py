@@ -104,9 +104,16 @@ def test_unknown_key_is_refused():
         (["model=hf", "model.name_or_path=/no/such/model"], "/no/such/model: no such directory"),
         (["model=hf", "model.name_or_path=nobody/nothing-here"], "nobody/nothing-here.*local Hugging Face cache"),
         (["data.train_file=/no/such.jsonl"], "data.train_file: no such file or directory /no/such.jsonl"),
-        (["data.format=jsonl"], "data.format=jsonl is not one of: auto, prompt_completion"),
+        (["data.format=jsonl"], "data.format=jsonl is not one of: auto, openai_preference, preference, chat"),
         (["data.on_error=ignore"], "data.on_error=ignore is not one of: refuse, skip"),
         (["method.target_modules=qproj"], "target_modules"),
+        (["data.eval_batch_size=0"], "data.eval_batch_size=0 must be >= 1"),
+        (["method.init_lora_weights=eva"], "method.init_lora_weights=eva is not one of: true, false, gaussian, pissa"),
+        (
+            ["objective=dpo", "method.init_lora_weights=pissa"],
+            "init_lora_weights=pissa rewrites the base weights, but objective=dpo holds the policy to the base",
+        ),
+        (["objective=orpo", "method.init_lora_weights=pissa_niter_4", "method.adapter=ia3"], "method.adapter=ia3"),
     ],
 )
 def test_bad_combinations_name_the_key_and_the_fix(overrides, message):
@@ -132,3 +139,10 @@ def test_cli_lists_the_options_of_an_unknown_choice():
     assert "Could not find 'method/lorra'" in out.stderr
     for option in ("full", "lora", "qlora", "dora"):
         assert option in out.stderr
+
+
+def test_a_base_rewriting_init_is_allowed_where_no_reference_is_held():
+    # PiSSA moves the base's principal components into the adapter: fine for SFT and
+    # ORPO (no reference), refused for DPO above (its reference is the adapter disabled).
+    for objective in ("sft", "orpo"):
+        validate(compose_config([f"objective={objective}", "method.init_lora_weights=pissa"]))

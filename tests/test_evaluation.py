@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ftx.evaluation import exact_match, json_fields
 from ftx.memory import PeakMemory
+from ftx.metrics import exact_match, json_fields
 
 REFERENCE = json.dumps({"name": "Ada Lovelace", "age": 36, "city": "London", "job": "mathematician"})
 

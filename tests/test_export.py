@@ -14,8 +14,9 @@ from conftest import ftx_main, tiny_overrides
 from omegaconf import OmegaConf
 
 from ftx.config import compose_config
-from ftx.evaluation import before_after, perplexity, resolve_metric
-from ftx.models.export import export_run, load_run
+from ftx.evaluation import before_after, perplexity
+from ftx.metrics import resolve_metric
+from ftx.runs import export_run, load_run
 from ftx.train import train
 
 PROBE = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])

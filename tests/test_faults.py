@@ -200,7 +200,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
 
 def test_a_multirun_with_lightning_ddp_is_refused_but_one_run_is_not(monkeypatch):
     validate(compose_config(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]))
-    monkeypatch.setattr("ftx.config._in_multirun", lambda cfg: True)
+    monkeypatch.setattr("ftx.config.checks._in_multirun", lambda cfg: True)
     with pytest.raises(ConfigError, match="re-runs the whole sweep in every rank"):
         validate(compose_config(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]))
     monkeypatch.setenv("SLURM_NTASKS", "2")  # the ranks exist already: Lightning launches nothing

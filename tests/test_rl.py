@@ -18,19 +18,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ftx.config import ConfigError, compose_config, project_root
 from ftx.data import load_splits
-from ftx.evaluation import json_fields
+from ftx.data.prompts import collate_prompts, prompt_examples, tokenize_prompts
+from ftx.metrics import json_fields
 from ftx.models import load_model
-from ftx.objectives import grpo, reward, rloo
-from ftx.objectives.policy_gradient import (
-    Reward,
-    Rollout,
-    collate_prompts,
-    completion_logps,
-    completion_mask,
-    load_reward_model,
-    prompt_examples,
-    tokenize_prompts,
-)
+from ftx.objectives import grpo, reward, rewards, rloo
+from ftx.objectives.policy_gradient import Rollout, completion_logps, completion_mask
+from ftx.objectives.rewards import Reward, load_reward_model
 from ftx.rlhf import train_rlhf
 from ftx.train import train
 
@@ -254,7 +247,10 @@ def tiny_prefs(out: Path) -> list[str]:
     return [f"data.train_file={out / 'train.jsonl'}", f"data.eval_file={out / 'eval.jsonl'}"]
 
 
-def test_rlhf_trains_a_reward_model_then_the_policy_against_it(tiny_model_dir, tiny_data, tmp_path):
+def test_rlhf_trains_a_reward_model_then_the_policy_against_it(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    loads = []
+    load = rewards.load_reward_model
+    monkeypatch.setattr(rewards, "load_reward_model", lambda *args: loads.append(args) or load(*args))
     run_dir = tmp_path / "run"
     cfg = compose_config(
         [
@@ -273,6 +269,7 @@ def test_rlhf_trains_a_reward_model_then_the_policy_against_it(tiny_model_dir, t
     snapshot = ReferenceSnapshot()
     record = train_rlhf(cfg, callbacks=[snapshot])  # the policy stage's
     assert record["status"] == "completed" and record["method"] == "rlhf"
+    assert loads == [(str(run_dir / "reward"), "cpu")]  # once: the base's scores, training and the result's
     changed = {n for n in snapshot.before if not torch.equal(snapshot.before[n], snapshot.after[n])}
     assert changed == snapshot.trainable and snapshot.unchanged
     assert "train.reward.reward_model_mean" in snapshot.logged

@@ -112,7 +112,7 @@ def test_bad_sweep_specs_are_refused(change, message):
 
 
 def test_several_devices_in_a_multirun_need_a_spawning_strategy(monkeypatch):
-    monkeypatch.setattr("ftx.config._in_multirun", lambda cfg: True)
+    monkeypatch.setattr("ftx.config.checks._in_multirun", lambda cfg: True)
     with pytest.raises(ConfigError, match="ddp_spawn"):
         validate(compose_config(["trainer.devices=2"]))
     with pytest.raises(ConfigError, match="ddp_spawn"):

@@ -68,11 +68,23 @@ class SplitStats:
 
 
 class TokenizedSplit:
-    """Rows of input_ids/labels (+ seq_lengths when packed), with their stats."""
+    """Rows of input_ids/labels (+ seq_lengths when packed; prompts: input_ids and
+    their example), with their stats.
 
-    def __init__(self, rows: list[dict[str, list[int]]], stats: SplitStats) -> None:
+    Like every training set an objective's loader holds (:class:`PairSplit`), it
+    says what it trains on: :meth:`sequences` and :meth:`summary`."""
+
+    def __init__(self, rows: list[dict], stats: SplitStats) -> None:
         self.rows = rows
         self.stats = stats
+
+    def sequences(self) -> list[dict[str, list[int]]]:
+        """The token sequences a step trains on (what memory is planned for)."""
+        return self.rows
+
+    def summary(self) -> SplitStats:
+        """The statistics reported for the split (truncation, untrained examples)."""
+        return self.stats
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -293,16 +305,9 @@ def stats_table(splits: dict[str, SplitStats], batch_size: int, max_length: int)
     return "\n".join(lines) + f"\n\n(max_length {max_length}; truncated examples are cut at it)"
 
 
-def training_sequences(rows: list[dict]) -> list[dict[str, list[int]]]:
-    """The sequences a split's rows train on: the row itself, or both sides of a
-    preference pair (:class:`PairSplit`)."""
-    return [side for row in rows for side in ((row["chosen"], row["rejected"]) if "chosen" in row else (row,))]
-
-
-def most_trained(rows: list[dict]) -> int | None:
+def most_trained(sequences: list[dict]) -> int | None:
     """The most trained tokens (labelled, after the first) in one training sequence;
-    None for rows without labels (an RL objective's prompts)."""
-    sequences = training_sequences(rows)
+    None for sequences without labels (an RL objective's prompts)."""
     if not sequences or "labels" not in sequences[0]:
         return None
     return max(sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in sequences)
@@ -322,6 +327,14 @@ class PairSplit:
             side: replace(split.stats, examples=len(both), rows=len(both), refused=refused)
             for side, split in (("chosen", chosen), ("rejected", rejected))
         }
+
+    def sequences(self) -> list[dict[str, list[int]]]:
+        """Both sides of every pair: a step runs the B chosen and the B rejected."""
+        return [row[side] for row in self.rows for side in ("chosen", "rejected")]
+
+    def summary(self) -> SplitStats:
+        """The chosen responses' statistics (the rejected ones are in ``stats``)."""
+        return self.stats["chosen"]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -366,3 +379,25 @@ def make_pair_loader(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, pairs:
         cfg.seed,
         cfg.data.num_workers,
     )
+
+
+def warn_truncation(stats: SplitStats, max_length: int) -> None:
+    """Say which training examples data.max_length cut, and which it left with
+    nothing to train (the run goes on; the record counts them)."""
+    if stats.truncated:
+        log.warning(
+            "%d of %d training examples are longer than data.max_length=%d (longest %d) and were truncated",
+            stats.truncated,
+            stats.examples,
+            max_length,
+            stats.longest,
+        )
+    if stats.untrained:
+        more = stats.untrained - len(stats.untrained_at)
+        log.warning(
+            "%d training example(s) have no trained token left after truncation to data.max_length=%d: %s%s",
+            stats.untrained,
+            max_length,
+            ", ".join(stats.untrained_at),
+            f" and {more} more" if more > 0 else "",
+        )

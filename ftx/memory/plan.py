@@ -375,17 +375,18 @@ def tensor_bytes(cfg: DictConfig, config, seq: int, trained: int | None = None) 
 # --------------------------------------------------------------------------- parameters
 
 
+def _adapter(cfg: DictConfig):
+    """The adapter's module (:mod:`ftx.adapters`), whose terms the planner uses; None
+    under full fine-tuning."""
+    from ftx.adapters import ADAPTERS
+
+    return None if cfg.method.adapter is None else ADAPTERS.load(cfg.method.adapter)
+
+
 def _adapter_params(cfg: DictConfig, arch: Architecture) -> int:
-    """LoRA adds r·(d_in + d_out) per target (A: r×d_in, B: d_out×r; Hu et al. 2021);
-    DoRA also a magnitude vector of d_out (Liu et al. 2024)."""
-    method = cfg.method
-    if method.adapter is None:
-        return 0
-    return sum(_adapter_numels(method, lin) for lin in adapter_targets(arch.linears, method))
-
-
-def _adapter_numels(method: DictConfig, lin: Linear) -> int:
-    return method.r * (lin.d_in + lin.d_out) + (lin.d_out if method.use_dora else 0)
+    """What the adapter adds to its targets (LoRA: r·(d_in + d_out) each, Hu et al.
+    2021; DoRA also a magnitude vector of d_out, Liu et al. 2024)."""
+    return sum(_trainable_tensors(cfg, arch)) if cfg.method.adapter is not None else 0
 
 
 def _trainable_params(cfg: DictConfig, arch: Architecture) -> int:
@@ -393,20 +394,17 @@ def _trainable_params(cfg: DictConfig, arch: Architecture) -> int:
 
 
 def _trainable_tensors(cfg: DictConfig, arch: Architecture) -> list[int]:
-    if cfg.method.adapter is None:
+    adapter = _adapter(cfg)
+    if adapter is None:
         return list(arch.param_numels)
-    method = cfg.method
-    tensors = []
-    for lin in adapter_targets(arch.linears, method):
-        tensors += [method.r * lin.d_in, method.r * lin.d_out] + ([lin.d_out] if method.use_dora else [])
-    return tensors
+    return [numel for lin in adapter_targets(arch.linears, cfg.method) for numel in adapter.tensors(cfg.method, lin)]
 
 
 def _param_bytes(cfg: DictConfig) -> tuple[int, int]:
     """(bytes of base parameters that are not quantized, bytes of adapter parameters).
 
     Lightning's *-true precisions cast the whole module; a quantized base keeps its
-    other parameters in model.dtype (ftx.models.apply_lora); PEFT creates adapters in
+    other parameters in model.dtype (ftx.models.apply_adapter); PEFT creates adapters in
     fp32 (autocast_adapter_dtype).
     """
     if cfg.trainer.precision in HALF_TRUE:
@@ -427,6 +425,8 @@ def _artefact_bytes(cfg: DictConfig, arch: Architecture) -> int:
 # ------------------------------------------------------------------------------ memory
 
 
+# Long on purpose: the breakdown reads as one table, each Item beside the arithmetic
+# that prices it, and the phases (forward, start of backward, optimizer step) share its terms.
 def _memory_items(
     cfg: DictConfig, arch: Architecture, device: str, seq: int, overhead: Overhead, trained: int | None = None
 ) -> tuple[list[Item], str]:
@@ -449,7 +449,8 @@ def _memory_items(
     if mixed and base_bytes == 4:
         copies = sum(lin.d_in * lin.d_out for lin in arch.linears if lin not in quantized) * 2
     if mixed and not full and adapter_bytes == 4:  # fp32 adapters, on any base
-        copies += sum(method.r * (lin.d_in + lin.d_out) for lin in adapter_targets(arch.linears, method)) * 2
+        adapter = _adapter(cfg)
+        copies += sum(adapter.cast_numels(method, lin) for lin in adapter_targets(arch.linears, method)) * 2
     tokens = trainer.batch_size * seq
     activations = _activation_bytes(cfg, arch, seq, device) * trainer.batch_size
     # The loss runs the head on trainer.logits_chunk trained tokens at a time
@@ -514,7 +515,7 @@ def _memory_items(
             int(temporaries),
             int(temporaries) if in_backward and not loss_live else 0,
             "one layer's backward buffers"
-            + (", DoRA's dense B·A" if method.use_dora else "")
+            + (_adapter(cfg).note(method) if not full else "")
             + (", dequantized weight" if quantized else ""),
         ),
         Item("overhead", f"runtime overhead ({device})", overhead.bytes, overhead.bytes, overhead.note),
@@ -656,9 +657,11 @@ def _layer_activation_bytes(cfg: DictConfig, arch: Architecture, seq: int, devic
         x_bytes = residual if name in ("attention input", "mlp input") else matmul
         shared = name == "o_proj" and attention != "eager"
         total += _saved_inputs(cfg, group, x_bytes, device, already_saved=shared)
-    if method.adapter is not None:
-        for lin in adapter_targets(arch.layer_linears, method):
-            total += matmul * method.r + (2 * matmul * lin.d_out if method.use_dora else 0)
+    adapter = _adapter(cfg)
+    if adapter is not None:
+        total += sum(
+            adapter.saved_per_token(method, lin, matmul) for lin in adapter_targets(arch.layer_linears, method)
+        )
     return total
 
 
@@ -671,8 +674,9 @@ def _layer_temporaries(cfg: DictConfig, arch: Architecture, tokens: int, quantiz
     if quantized:
         compute = DTYPE_BYTES[cfg.quant.compute_dtype] if cfg.quant.bits == 4 else 2
         temporaries += max(lin.d_in * lin.d_out for lin in quantized) * compute
-    if cfg.method.use_dora:
-        temporaries += max(lin.d_in * lin.d_out for lin in adapter_targets(arch.linears, cfg.method)) * 4 * 2
+    adapter = _adapter(cfg)
+    if adapter is not None:
+        temporaries += adapter.temporaries(cfg.method, adapter_targets(arch.linears, cfg.method))
     return temporaries
 
 
@@ -694,7 +698,7 @@ def token_lengths(cfg: DictConfig, base: str | None = None) -> tuple[list[int], 
     tokenizer = _local_tokenizer(cfg, base)
     if tokenizer is not None:
         split = tokenize_split(cfg, tokenizer, examples, packing=cfg.data.packing)
-        return [len(row["input_ids"]) for row in split.rows], False, most_trained(split.rows)
+        return [len(row["input_ids"]) for row in split.rows], False, most_trained(split.sequences())
     chars = [_characters(example, cfg.data.prompt_template) for example in examples]
     lengths = [min(cfg.data.max_length, math.ceil(n / cfg.plan.chars_per_token) + 1) for n in chars]
     if cfg.data.packing:  # rows filled to data.max_length, as packing fills them
@@ -753,10 +757,9 @@ def _training_cost(cfg: DictConfig, arch: Architecture, lengths: list[int]) -> d
     if method.adapter is None:
         per_token = 6 * matmul + attention
     else:
-        targets = adapter_targets(arch.linears, method)
-        per_token = 4 * matmul + attention + 6 * _adapter_params(cfg, arch)
-        if method.use_dora and method.dropout > 0:
-            per_token += 4 * sum(lin.d_in * lin.d_out for lin in targets)
+        per_token = (
+            4 * matmul + attention + _adapter(cfg).flops_per_token(method, adapter_targets(arch.linears, method))
+        )
     if cfg.model.gradient_checkpointing:
         per_token += 2 * matmul + attention / 3
     flops = per_token * tokens

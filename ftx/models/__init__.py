@@ -133,7 +133,7 @@ def load_model(
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model = apply_lora(cfg, model, quantized=quant is not None, head=head)
+        model = apply_adapter(cfg, model, quantized=quant is not None, head=head)
     # from_pretrained returns eval mode and Lightning preserves submodule modes:
     # without this, dropout (LoRA's included) would silently stay off.
     model.train()
@@ -156,8 +156,11 @@ def truncated_config(cfg: DictConfig, base: str, layers: int):
     return config
 
 
-def apply_lora(cfg: DictConfig, model: PreTrainedModel, quantized: bool, head: str = "causal_lm") -> PreTrainedModel:
-    from peft import LoraConfig, get_peft_model
+def apply_adapter(cfg: DictConfig, model: PreTrainedModel, quantized: bool, head: str = "causal_lm") -> PreTrainedModel:
+    """The base, frozen, with ``method.adapter`` on its targets (:mod:`ftx.adapters`)."""
+    from peft import get_peft_model
+
+    from ftx.adapters import ADAPTERS
 
     method = cfg.method
     checkpointing = cfg.model.gradient_checkpointing
@@ -169,21 +172,12 @@ def apply_lora(cfg: DictConfig, model: PreTrainedModel, quantized: bool, head: s
         model.enable_input_require_grads()  # frozen embeddings would cut the graph
     # SEQ_CLS keeps the new score head trainable in full (modules_to_save).
     output_head = method.adapt_output_head and head == "causal_lm"
-    lora = LoraConfig(
-        task_type="CAUSAL_LM" if head == "causal_lm" else "SEQ_CLS",
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=_lora_targets(model, as_container(method.target_modules), output_head),
-        use_rslora=method.use_rslora,
-        use_dora=method.use_dora,
-        bias=method.bias,
-        init_lora_weights=method.init_lora_weights,
-    )
-    return get_peft_model(model, lora)
+    targets = _targets(model, as_container(method.target_modules), output_head)
+    task_type = "CAUSAL_LM" if head == "causal_lm" else "SEQ_CLS"
+    return get_peft_model(model, ADAPTERS.load(method.adapter).peft_config(method, targets, task_type))
 
 
-def _lora_targets(model: PreTrainedModel, targets: str | list[str], output_head: bool) -> str | list[str]:
+def _targets(model: PreTrainedModel, targets: str | list[str], output_head: bool) -> str | list[str]:
     """PEFT's target_modules, plus the output head when asked.
 
     PEFT's ``all-linear`` means every Linear except the output layer; with the head

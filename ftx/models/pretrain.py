@@ -111,6 +111,8 @@ def ensure_base_model(cfg: PretrainConfig, cache_dir: str | Path) -> Path:
     return target
 
 
+# Long on purpose: one plain training loop (tokenizer, model, schedule, steps, save)
+# that reads top to bottom like the scripts it replaces; its parts are used nowhere else.
 def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict[str, float]:
     """Train tokenizer and model on the corpus; save both to ``out_dir``."""
     import torch

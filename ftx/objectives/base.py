@@ -58,6 +58,48 @@ class ObjectiveModule(L.LightningModule):
             self.log(f"{prefix}.{name}", value, prog_bar=name == "loss", batch_size=batch_size)
 
 
+class PairModule(ObjectiveModule):
+    """An objective on preference pairs: each batch holds B chosen then B rejected
+    sequences (:func:`ftx.data.tokenized.make_pair_loader`), and ``step`` turns it
+    into the loss and figures, logged per pair. Dropout is off (see :func:`disable_dropout`)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig) -> None:
+        super().__init__(model, cfg)
+        disable_dropout(model)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"loss": …, figures …} of one batch of pairs."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        values = self.step(batch)
+        if self.checked(values["loss"]) is None:
+            return None
+        self.log_all("train", values, batch_size=batch["input_ids"].shape[0] // 2)
+        return values["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log_all("val", self.step(batch), batch_size=batch["input_ids"].shape[0] // 2)
+
+
+def evaluate_pairs(cfg: DictConfig, model, tokenizer, splits, logps, pair_cfg: DictConfig | None = None) -> dict:
+    """The SFT figures on the chosen responses (held-out loss, task score against the
+    chosen response, forgetting), and ``pair_accuracy``: the share of held-out pairs
+    whose chosen response scores higher by ``logps(model, batch, chunk)`` (one value
+    per sequence). ``pair_cfg``: the config the pairs are tokenized with (default ``cfg``)."""
+    from ftx.data.tokenized import make_pair_loader
+    from ftx.evaluation import evaluate, inference
+
+    scores = evaluate(cfg, model, tokenizer, [pair.as_examples()[0] for pair in splits.eval])
+    device = next(model.parameters()).device
+    wins = []
+    with inference(model):
+        for batch in make_pair_loader(pair_cfg or cfg, tokenizer, splits.eval, shuffle=False):
+            chosen, rejected = logps(model, {k: v.to(device) for k, v in batch.items()}, cfg.trainer.logits_chunk)
+            wins.append(chosen > rejected)
+    return scores | {"pair_accuracy": torch.cat(wins).float().mean().item()}
+
+
 def make_optimizer(optim: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019): torch's, or bitsandbytes' 8-bit / paged
     variants (Dettmers et al. 2022), which store both moments in 8 bits."""

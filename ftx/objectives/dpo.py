@@ -33,13 +33,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ftx.data.render import IGNORE_INDEX
-from ftx.data.tokenized import make_pair_loader, pair_loaders
-from ftx.evaluation import evaluate as evaluate_examples
-from ftx.evaluation import inference
+from ftx.data.tokenized import pair_loaders
 from ftx.models.head import sequence_logps
-from ftx.objectives.base import ObjectiveModule, disable_dropout
+from ftx.objectives.base import PairModule, evaluate_pairs
 
+KIND = "preference"
+"""The data it learns from: sft, preference or prompts (:func:`ftx.data.require_kind`)."""
 HEAD = "causal_lm"
+REFERENCE = True
+"""It holds the policy to its starting model (with an adapter: the adapter disabled)."""
 
 
 def dpo_sigmoid_loss(
@@ -74,25 +76,15 @@ def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
     """The SFT figures on the chosen responses (held-out loss, task score against
     the chosen response, forgetting), and ``pair_accuracy``: the share of held-out
     pairs where the policy gives the chosen response the higher log-probability."""
-    scores = evaluate_examples(cfg, model, tokenizer, [pair.as_examples()[0] for pair in splits.eval])
-    device = next(model.parameters()).device
-    wins = []
-    with inference(model):
-        for batch in make_pair_loader(cfg, tokenizer, splits.eval, shuffle=False):
-            chosen, rejected = sequence_logps(
-                model, {k: v.to(device) for k, v in batch.items()}, cfg.trainer.logits_chunk
-            ).chunk(2)
-            wins.append(chosen > rejected)
-    return scores | {"pair_accuracy": torch.cat(wins).float().mean().item()}
+    return evaluate_pairs(cfg, model, tokenizer, splits, lambda *args: sequence_logps(*args).chunk(2))
 
 
-class Module(ObjectiveModule):
+class Module(PairModule):
     def __init__(self, model: torch.nn.Module, cfg: DictConfig) -> None:
         super().__init__(model, cfg)
         self.beta = cfg.objective.beta
         self.sft_weight = cfg.objective.sft_weight
         self.reference = "adapter" if self.adapter else cfg.objective.reference
-        disable_dropout(model)
         self.frozen = None
         if self.reference == "copy":
             # Held outside the module's children: not trained, not checkpointed.
@@ -139,16 +131,6 @@ class Module(ObjectiveModule):
             values["sft_loss"] = sft_term(chosen, chosen_tokens)
             values["loss"] = values["loss"] + self.sft_weight * values["sft_loss"]
         return values
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        values = self.step(batch)
-        if self.checked(values["loss"]) is None:
-            return None
-        self.log_all("train", values, batch_size=batch["input_ids"].shape[0] // 2)
-        return values["loss"]
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log_all("val", self.step(batch), batch_size=batch["input_ids"].shape[0] // 2)
 
 
 def _key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:

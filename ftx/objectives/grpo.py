@@ -27,7 +27,15 @@ from collections.abc import Callable
 
 import torch
 
-from ftx.objectives.policy_gradient import HEAD, PolicyGradientModule, evaluate, loaders
+from ftx.objectives.policy_gradient import PolicyGradientModule, evaluate, loaders
+
+KIND = "prompts"
+"""Any data with prompts: the policy completes them (examples, or pairs' prompts)."""
+HEAD = "causal_lm"
+REFERENCE = True
+"""It holds the policy to its starting model (with an adapter: the adapter disabled)."""
+SAMPLES = True
+"""It samples completions from the policy and scores them with a reward."""
 
 __all__ = ["HEAD", "Module", "evaluate", "loaders"]
 

@@ -1,6 +1,7 @@
-"""What the policy-gradient objectives (RLOO, GRPO) share: the prompts they learn
-from, k sampled completions per prompt, the reward that scores them, the frozen
-reference they are held to, and the training step around a loss. ``rloo.py`` and
+"""What the policy-gradient objectives (RLOO, GRPO) share: k sampled completions
+per prompt (the prompts: :mod:`ftx.data.prompts`), scored by the run's reward
+(:mod:`ftx.objectives.rewards`), the frozen reference they are held to, and the
+training step around a loss. ``rloo.py`` and
 ``grpo.py`` add only where the two methods differ: the advantages and the loss.
 
 One training step, as in TRL's GRPOTrainer and RLOOTrainer with one optimisation
@@ -24,89 +25,22 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from ftx.config import reward_part
-from ftx.data import Example, Preference
+from ftx.data import Example
+from ftx.data.prompts import make_prompt_loader, prompt_examples, prompt_loaders
 from ftx.data.render import IGNORE_INDEX
-from ftx.data.tokenized import Collator, SplitStats, encode_prompts, renderer_for
-from ftx.evaluation import PER_EXAMPLE, TASK_METRICS, inference, stop_ids
+from ftx.data.tokenized import renderer_for
+from ftx.evaluation import PER_EXAMPLE, inference, stop_ids
 from ftx.evaluation import evaluate as evaluate_examples
 from ftx.models.head import labelled_logps
 from ftx.objectives.base import ObjectiveModule, disable_dropout
+from ftx.objectives.rewards import Reward
 
-HEAD = "causal_lm"
-
-# ----------------------------------------------------------------------- prompts
-
-
-def prompt_examples(records: list) -> list[Example]:
-    """Examples whose prompts the policy completes: SFT examples as they are, the
-    chosen side of preference pairs."""
-    return [r.as_examples()[0] if isinstance(r, Preference) else r for r in records]
-
-
-class PromptSplit:
-    """Prompt token ids (what generation continues from) with their examples."""
-
-    def __init__(self, rows: list[dict[str, Any]], stats: SplitStats) -> None:
-        self.rows = rows
-        self.stats = stats
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.rows[index]
-
-
-def tokenize_prompts(cfg: DictConfig, tokenizer, examples: list[Example]) -> PromptSplit:
-    examples, prompts = encode_prompts(renderer_for(cfg, tokenizer), examples, cfg.data.on_error)
-    rows, over_length, longest = [], [], 0
-    for example, ids in zip(examples, prompts, strict=True):
-        longest = max(longest, len(ids))
-        if len(ids) > cfg.data.max_length:
-            over_length.append(example.source)
-            ids = ids[-cfg.data.max_length :]  # keep the end: generation continues from it
-        rows.append({"input_ids": ids, "example": example})
-    tokens = sum(len(row["input_ids"]) for row in rows)
-    stats = SplitStats(len(rows), tokens, 0, len(over_length), 0, longest, len(rows), over_length[:20])
-    return PromptSplit(rows, stats)
-
-
-def collate_prompts(pad_token_id: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Left-padded prompts (generation continues from the right edge) and their examples."""
-    longest = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), longest), pad_token_id)
-    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, longest - n :] = torch.tensor(row["input_ids"])
-        attention_mask[i, longest - n :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "examples": [row["example"] for row in rows]}
-
-
-def make_prompt_loader(cfg: DictConfig, tokenizer, examples: list[Example], shuffle: bool):
-    """Batches of ``trainer.batch_size`` prompts (each sampled k times in a step)."""
-    import functools
-
-    from ftx.data.sampling import batches
-
-    collate = functools.partial(collate_prompts, tokenizer.pad_token_id)
-    prompts = tokenize_prompts(cfg, tokenizer, examples)
-    return batches(prompts, cfg.trainer.batch_size, shuffle, collate, cfg.seed, cfg.data.num_workers)
-
-
-def loaders(cfg: DictConfig, tokenizer, splits) -> tuple[Any, Any]:
-    return (
-        make_prompt_loader(cfg, tokenizer, prompt_examples(splits.train), shuffle=True),
-        make_prompt_loader(cfg, tokenizer, prompt_examples(splits.eval), shuffle=False),
-    )
-
+loaders = prompt_loaders
 
 # ----------------------------------------------------------------------- samples
 
@@ -189,104 +123,6 @@ def completion_logps(model, rollout: Rollout, temperature: float, chunk: int) ->
     # Position p of the shifted labels predicts token p + 1: completion token p + 1 - (length - width).
     out[rows, positions + 1 - (batch["input_ids"].shape[1] - width)] = logps
     return out
-
-
-# ------------------------------------------------------------------------ reward
-
-
-class Reward:
-    """Scores completions: the weighted sum of the reward model's score and each
-    reward function's (``objective.reward_weights``, 1 where not named)."""
-
-    def __init__(self, cfg: DictConfig, device: torch.device | str) -> None:
-        self.functions = {reward_part(name): reward_function(name) for name in cfg.objective.reward_functions}
-        self.weights = dict(cfg.objective.reward_weights)
-        self.model = self.renderer = None
-        if cfg.objective.reward_model is not None:
-            self.model, tokenizer = load_reward_model(cfg.objective.reward_model, str(device))
-            # The reward model reads prompt + completion rendered as it was trained.
-            self.renderer = renderer_for(cfg, tokenizer)
-            self.collate = Collator(tokenizer.pad_token_id, packed=False)
-        self.max_length = cfg.data.max_length
-
-    def __call__(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """{"reward": weighted total, "reward.reward_model": …, "reward.<function name>": …}
-        (the parts unweighted), one value per completion."""
-        device = rollout.completion_ids.device
-        parts = {}
-        if self.model is not None:
-            parts["reward_model"] = self.score(rollout.examples, rollout.completions).to(device)
-        prompts = [e.prompt_messages() if e.is_chat else e.prompt for e in rollout.examples]
-        completions = [
-            [{"role": "assistant", "content": c}] if e.is_chat else c
-            for e, c in zip(rollout.examples, rollout.completions, strict=True)
-        ]
-        references = [e.reference() for e in rollout.examples]
-        ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
-        for name, function in self.functions.items():
-            # TRL's convention: None = no opinion; it counts as 0 in the sum.
-            values = function(prompts=prompts, completions=completions, completion_ids=ids, reference=references)
-            parts[name] = torch.tensor([float("nan") if v is None else v for v in values], device=device)
-        total = torch.stack([self.weights.get(name, 1.0) * v.nan_to_num(0.0) for name, v in parts.items()]).sum(0)
-        return {"reward": total} | {f"reward.{name}": v for name, v in parts.items()}
-
-    @torch.no_grad()
-    def score(self, examples: list[Example], completions: list[str]) -> torch.Tensor:
-        rows = []
-        for example, completion in zip(examples, completions, strict=True):
-            ids, labels = self.renderer.encode(_completed(example, completion), completion_only=True)
-            rows.append({"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]})
-        batch = self.collate(rows)
-        device = next(self.model.parameters()).device
-        logits = self.model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
-        return logits.squeeze(-1).float()
-
-
-def _completed(example: Example, completion: str) -> Example:
-    """The example with its answer replaced by ``completion``."""
-    if example.is_chat:
-        answer = {"role": "assistant", "content": completion, "weight": 1}
-        return Example(example.source, messages=[*example.prompt_messages(), answer])
-    return Example(example.source, prompt=example.prompt, completion=completion)
-
-
-def reward_function(name: str):
-    """A reward function in TRL's convention, f(prompts, completions, **kwargs) ->
-    list[float | None]: a built-in task metric scored against each reference, or
-    ``package.module:function``."""
-    if name in TASK_METRICS:
-        metric = TASK_METRICS[name]
-
-        def task_metric(completions: list, reference: list[str], **kwargs: Any) -> list[float]:
-            texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-            return [metric(text, ref) for text, ref in zip(texts, reference, strict=True)]
-
-        return task_metric
-    import importlib
-
-    module, _, function = name.partition(":")
-    return getattr(importlib.import_module(module), function)
-
-
-def load_reward_model(path: str, device: str):
-    """A reward run (``ftx train objective=reward``) or a Hugging Face one-output
-    sequence-classification model, frozen, in eval mode; and its tokenizer."""
-    from ftx.models.export import load_run
-
-    if (Path(path) / ".hydra" / "config.yaml").is_file():
-        model, tokenizer = load_run(Path(path), device=device)
-    else:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, device_map={"": device}, use_safetensors=True
-        ).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.requires_grad_(False), tokenizer
 
 
 # -------------------------------------------------------------------- evaluation

@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 
 from ftx.data.tokenized import make_pair_loader, pair_loaders
 from ftx.evaluation import inference
-from ftx.objectives.base import ObjectiveModule, disable_dropout
+from ftx.objectives.base import PairModule
 
+KIND = "preference"
+"""The data it learns from: sft, preference or prompts (:func:`ftx.data.require_kind`)."""
 HEAD = "reward"
 
 
@@ -62,18 +64,10 @@ def evaluate(cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
     return {"eval_loss": values["loss"].item()} | {k: v.item() for k, v in values.items() if k != "loss"}
 
 
-class Module(ObjectiveModule):
+class Module(PairModule):
     def __init__(self, model: torch.nn.Module, cfg: DictConfig) -> None:
         super().__init__(model, cfg)
         self.margin = cfg.objective.margin
-        disable_dropout(model)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        values = pair_metrics(*scores(self.model, batch), self.margin)
-        if self.checked(values["loss"]) is None:
-            return None
-        self.log_all("train", values, batch_size=batch["input_ids"].shape[0] // 2)
-        return values["loss"]
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log_all("val", pair_metrics(*scores(self.model, batch), self.margin), batch["input_ids"].shape[0] // 2)
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return pair_metrics(*scores(self.model, batch), self.margin)

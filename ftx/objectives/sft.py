@@ -20,6 +20,8 @@ from ftx.evaluation import evaluate as evaluate_examples
 from ftx.models.head import causal_lm_loss
 from ftx.objectives.base import ObjectiveModule
 
+KIND = "sft"
+"""The data it learns from: sft, preference or prompts (:func:`ftx.data.require_kind`)."""
 HEAD = "causal_lm"
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 METRICS_FILE = "metrics.json"
 
@@ -22,6 +23,66 @@ def write_metrics(run_dir: Path, record: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(_strict_json(record), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def run_record(cfg: DictConfig) -> dict[str, Any]:
+    """What a run's record says before anything has run (status ``running``)."""
+    return {
+        "method": cfg.method.name,
+        "objective": cfg.objective.name,
+        "model": cfg.model.name,
+        "quant": cfg.quant.name,
+        "precision": cfg.trainer.precision,
+        "seed": cfg.seed,
+        "run_name": cfg.run_name,
+        "status": "running",
+    }
+
+
+def result_record(
+    cfg: DictConfig, *, params, quality, memory, predicted, calibration, fitted, module, resume, splits, stats, base
+) -> dict[str, Any]:
+    """What a trained run adds to its record: parameter counts, quality (before and
+    after), memory (the PeakMemory's peak, the planner's prediction and calibration),
+    what the fit measured (:class:`ftx.trainer.Fitted`), the training set's summary
+    ``stats`` (:class:`ftx.data.tokenized.SplitStats`) and the data ``splits``."""
+    trainer = fitted.trainer
+    return {
+        "params": params | {"trainable_share": params["trainable"] / params["total"]},
+        "quality": quality,
+        "memory": memory.peak() | predicted_record(predicted, calibration),
+        "throughput": {"tokens_per_s": fitted.meter.tokens_per_s, "tokens": fitted.meter.tokens},
+        "time": {"train_s": fitted.seconds},
+        "train": {
+            "steps": trainer.global_step,
+            "final_loss": float(trainer.callback_metrics.get("train.loss", math.nan)),
+            "resumed_from": resume,
+            "skipped_steps": module.skipped_steps,
+        },
+        "data": {"format": splits.format, "skipped": splits.skipped, "packing": cfg.data.packing}
+        | {k: v for k, v in asdict(stats).items() if k not in ("over_length", "untrained_at", "refused")}
+        | {"refused": len(stats.refused)},  # rows the chat template refused, skipped (data.on_error=skip)
+        "base_model": base,
+    }
+
+
+def artefact_record(artefact: Path, run_dir: Path) -> dict[str, Any]:
+    """Where the trained weights are (relative to the run directory) and their size."""
+    return {
+        "artefact": str(artefact.relative_to(run_dir)),
+        "artefact_bytes": sum(f.stat().st_size for f in artefact.rglob("*") if f.is_file()),
+    }
+
+
+def predicted_record(predicted, calibration=None) -> dict[str, Any]:
+    """memory.predicted_bytes and the planner's terms at the peak (and the
+    calibration that measured the runtime overhead, where one ran)."""
+    if predicted is None:
+        return {"predicted_bytes": None}
+    return {
+        "predicted_bytes": predicted.peak_bytes,
+        "predicted": {item.key: item.at_peak for item in predicted.items},
+    } | ({"calibration": calibration.record()} if calibration is not None else {})
 
 
 def _strict_json(value: Any) -> Any:
@@ -47,33 +108,6 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def make_logger(cfg: DictConfig, run_dir: Path):
-    """The Lightning logger for ``cfg.logger`` (False for none)."""
-    name = cfg.logger.name
-    if name == "none":
-        return False
-    if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=run_dir, name="csv")
-    if name == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(save_dir=run_dir, name="tensorboard")
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        group=cfg.logger.group or multirun_group(),
-        tags=list(cfg.logger.tags),
-        name=cfg.run_name,
-        save_dir=str(run_dir),
-        mode=wandb_mode(cfg.logger.mode),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
 
 
 def start_logger(logger: Any) -> Any:

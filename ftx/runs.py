@@ -1,5 +1,7 @@
-"""Use a finished run outside training: reload it, merge its adapter into the base
-and write a plain Hugging Face model directory with a model card.
+"""A finished run directory outside training: its config, its trained model
+(reloaded for ``ftx eval``, ``generate``, a reward model's users), and its export:
+the adapter merged into the base, written as a plain Hugging Face model directory
+with a model card.
 
 QLoRA's adapter was trained against the *quantized* base: the merge therefore
 dequantizes the 4-bit (or 8-bit) weights exactly as the forward pass did, then adds
@@ -39,9 +41,11 @@ def load_run(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ftx.models import quantization_config
+    from ftx.objectives import OBJECTIVES
 
     cfg = run_config(run_dir)
-    auto_class = AutoModelForSequenceClassification if cfg.objective.name == "reward" else AutoModelForCausalLM
+    scores = OBJECTIVES.fact(cfg.objective.name, "HEAD") == "reward"
+    auto_class = AutoModelForSequenceClassification if scores else AutoModelForCausalLM
     if (run_dir / "model").is_dir():
         model = auto_class.from_pretrained(run_dir / "model", device_map={"": device}, use_safetensors=True)
         return model.eval(), AutoTokenizer.from_pretrained(run_dir / "model")

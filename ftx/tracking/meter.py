@@ -11,11 +11,12 @@ serves ``scripts/bench_throughput.py``'s TRL and plain-loop runs, so the figures
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
-from ftx.memory import PeakMemory
+if TYPE_CHECKING:  # the run's own PeakMemory is handed in: tracking does not import memory
+    from ftx.memory import PeakMemory
 
 
 class RunMeter(L.Callback):

@@ -49,13 +49,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     except OverBudget as over:
         record.update(status="pruned", reason=str(over), memory={"predicted_bytes": over.plan.peak_bytes})
         log.warning("run %s pruned: %s", run_dir, over)
-        close_failed_run(exit_code=0)
+        close_failed_run("pruned")
         return record
     except RunPruned as pruned:
         record.update(status="pruned", reason=str(pruned), train={"steps": pruned.step})
         if pruned.peak_bytes is not None:
             record["memory"] = {"peak_bytes": int(pruned.peak_bytes)}
-        close_failed_run(exit_code=0)
+        close_failed_run("pruned")
     except BaseException as error:
         from ftx.faults import Preempted
 
@@ -64,7 +64,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         record["error"] = f"{type(error).__name__}: {error}"
         record.update(getattr(error, "record", {}))  # what a failure measured (memory at an OOM)
         record["traceback"] = traceback.format_exc(limit=8)
-        close_failed_run()
+        close_failed_run(record["status"])
         raise
     finally:
         if is_rank_zero():
@@ -142,7 +142,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list) -> dict[str, Any]:
         stats=stats,
         base=base,
     ) | artefact_record(artefact, run_dir)
-    finish_logger(logger, result, artefact if cfg.logger.log_artifact else None)
+    finish_logger(logger, cfg, result, artefact if cfg.logger.log_artifact else None)
     return result
 
 
@@ -156,7 +156,7 @@ def _start_measuring(cfg: DictConfig, run_dir: Path):
     from ftx.tracking import start_logger
     from ftx.tracking.loggers import make_logger
 
-    logger = start_logger(make_logger(cfg, run_dir))
+    logger = start_logger(cfg, make_logger(cfg, run_dir))
     memory = PeakMemory(device_of(cfg.trainer.accelerator))
     memory.start()  # baseline before weights: the peak counts the model's own memory
     return logger, memory

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 from conftest import ftx_main, read_metrics, tiny_overrides
 
+from ftx import tracking
 from ftx.config import compose_config
-from ftx.tracking import wandb_mode
+from ftx.tracking import flatten, wandb_mode
+from ftx.tracking.loggers import LOGGERS
 from ftx.tracking.report import write_report
 from ftx.train import train
 
@@ -158,3 +161,63 @@ def test_alternative_loggers_write_their_files(logger, tiny_model_dir, tiny_data
         assert list((tmp_path / "tensorboard").glob("version_0/events.out.tfevents.*"))
     else:
         assert not (tmp_path / "csv").exists() and not (tmp_path / "wandb").exists()
+
+
+class FailAtTheEnd(L.Callback):
+    def on_train_end(self, *args) -> None:
+        raise RuntimeError("failed after training")
+
+
+def logged_names(logger: str, run_dir: Path, cfg) -> tuple[set[str], str | None]:
+    """(the metric names a logger holds for a run, how its run ended: finished, failed
+    or None where the logger has no run state), read with the logger's own reader."""
+    if logger == "csv":
+        (path,) = run_dir.glob("csv/version_*/metrics.csv")
+        return set(path.read_text().splitlines()[0].split(",")), None
+    if logger == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (events,) = run_dir.glob("tensorboard/version_*")
+        return set(EventAccumulator(str(events)).Reload().Tags()["scalars"]), None
+    if logger == "wandb":
+        run = wandb_summary(run_dir)
+        return set(run["summary"]), run["state"]
+    if logger == "mlflow":
+        import mlflow
+
+        client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+        experiment = client.get_experiment_by_name(cfg.logger.project)
+        (run,) = client.search_runs([experiment.experiment_id], f"tags.`ftx.run_dir` = '{run_dir}'")
+        return set(run.data.metrics), run.info.status.lower()
+    if logger == "none":
+        assert not [p.name for p in run_dir.iterdir() if p.name in ("csv", "tensorboard", "wandb")]
+        return set(), None
+    raise AssertionError(f"no reader for logger={logger}: add one here")
+
+
+@pytest.mark.parametrize("logger", LOGGERS.names())
+def test_every_logger_keeps_the_contract(logger, no_wandb_credentials, tiny_model_dir, tiny_data, tmp_path):
+    """One run per job under the names of metrics.json, closed when the job ends,
+    failed or not (the next job starts its own)."""
+    pytest.importorskip(LOGGERS.fact(logger, "REQUIRES") or "ftx")
+    extra = [f"logger={logger}", f"logger.project=contract-{logger}"]
+    if logger == "mlflow":
+        extra.append(f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    done, failed = tmp_path / "done", tmp_path / "failed"
+    base = [o for o in tiny_overrides(tiny_model_dir, tiny_data, done, steps=2) if not o.startswith("logger")]
+    cfg = compose_config([*base, *extra])
+    train(cfg)
+    with pytest.raises(RuntimeError, match="failed after training"):
+        train(compose_config([*base, *extra, f"paths.output_dir={failed}"]), callbacks=[FailAtTheEnd()])
+    assert not tracking._ACTIVE  # nothing left open for the next job
+    names, state = logged_names(logger, done, cfg)
+    if logger != "none":
+        record = flatten(read_metrics(done))
+        assert {"train.loss", "quality.eval_loss", "memory.peak_bytes", "params.trainable"} <= names
+        assert {k for k in names if k in record} >= {k for k in record if k.startswith("quality.")}
+    assert state in (None, "finished")
+    names, state = logged_names(logger, failed, cfg)
+    assert read_metrics(failed)["status"] == "failed"
+    assert state in (None, "failed"), state  # W&B and MLflow mark the run failed
+    if logger != "none":
+        assert "train.loss" in names  # what it streamed before failing is kept

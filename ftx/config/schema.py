@@ -337,19 +337,24 @@ class LoggerConfig:
     """Where metrics stream during training; metrics.json is always written."""
 
     name: str = "csv"
-    """csv, tensorboard, wandb or none."""
+    """csv, tensorboard, wandb, mlflow or none."""
     project: str = "ftx"
-    """W&B project."""
+    """W&B project; the MLflow experiment (PROJECT/GROUP for a multirun's trials)."""
     entity: str | None = None
     """W&B entity (team or user)."""
     group: str | None = None
-    """W&B group."""
+    """W&B group (MLflow: the experiment PROJECT/GROUP); null = the sweep directory's
+    name in a multirun."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
     mode: str = "auto"
     """W&B mode: auto (WANDB_MODE, else online with a key, else offline), online, offline, disabled."""
     log_artifact: bool = False
-    """Upload the trained adapter/ or model/ as a W&B artifact (type model)."""
+    """Upload the trained adapter/ or model/ as an artifact (W&B: type model; MLflow:
+    with metrics.json)."""
+    tracking_uri: str | None = None
+    """MLflow tracking server or store (http://host:5000, sqlite:///mlflow.db, …); null =
+    MLFLOW_TRACKING_URI, else MLflow's default (MLflow 3: ./mlflow.db, SQLite)."""
 
 
 @dataclass

@@ -110,16 +110,24 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def start_logger(logger: Any) -> Any:
+_ACTIVE: list[tuple[str, Any]] = []
+"""(logger name, logger) of the run in progress (one per process), for close_failed_run."""
+
+
+def start_logger(cfg: DictConfig, logger: Any) -> Any:
     """Start the logger's run now rather than at its first use (Lightning's fit start),
     so that what it holds in this process is there before the run's memory baseline."""
+    _ACTIVE.clear()
+    if logger:
+        _ACTIVE.append((cfg.logger.name, logger))
     if logger and hasattr(logger, "experiment"):
-        logger.experiment  # noqa: B018  (the property starts a W&B run; others create a writer)
+        logger.experiment  # noqa: B018  (the property starts a W&B or MLflow run; others create a writer)
     return logger
 
 
 def multirun_group() -> str | None:
-    """In a multirun or sweep, the sweep directory's name: its trials share a W&B group."""
+    """In a multirun or sweep, the sweep directory's name: its trials share a W&B group
+    (an MLflow experiment)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -141,30 +149,39 @@ def wandb_mode(mode: str) -> str:
     return "online" if has_key else "offline"
 
 
-def finish_logger(logger: Any, record: dict[str, Any], artefact: Path | None = None) -> None:
-    """Send the run record's numbers under dotted names, attach the artefact when
-    asked (W&B), and close the run: multirun jobs must never share a W&B run."""
+def finish_logger(logger: Any, cfg: DictConfig, result: dict[str, Any], artefact: Path | None = None) -> None:
+    """Send the trained run's record (``result``: what train adds) as numbers under
+    dotted names, then let the logger attach ``artefact`` (given when
+    ``logger.log_artifact``) and close its run as finished: jobs never share a run."""
     if not logger:
         return
-    numbers = {k: v for k, v in flatten(record).items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    logger.log_metrics(numbers)
-    logger.save()
-    run = getattr(logger, "experiment", None)
-    if hasattr(run, "finish"):  # a wandb Run
-        if artefact is not None:
-            import wandb
+    from ftx.tracking.loggers import LOGGERS
 
-            model = wandb.Artifact(name=f"{run.name}-{artefact.name}".replace("/", "-"), type="model")
-            model.add_dir(str(artefact))
-            run.log_artifact(model)
-        run.finish()
+    numbers = {k: v for k, v in flatten(result).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    module = LOGGERS.load(cfg.logger.name)
+    if hasattr(module, "log_record"):  # a logger that must place them itself (MLflow: at the last step)
+        module.log_record(logger, numbers, result)
+    else:
+        logger.log_metrics(numbers)
+    logger.save()  # tensorboard and csv flush here; they need no finish of their own
+    if hasattr(module, "finish"):
+        module.finish(logger, cfg, result, artefact)
+    _ACTIVE.clear()
 
 
-def close_failed_run(exit_code: int = 1) -> None:
-    """Finish an open W&B run that ended early (exit code 1: failed; 0: pruned, which
-    is no failure) so the next multirun job starts its own."""
+def close_failed_run(status: str = "failed") -> None:
+    """Close the run of a job that ended early (``failed``, ``stopped`` or ``pruned``,
+    the record's status) so the next multirun job starts its own: W&B's exit code 1
+    for a failure, 0 otherwise; the active logger's ``fail`` (MLflow: FAILED, KILLED)."""
     import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=exit_code)
+        wandb.finish(exit_code=1 if status == "failed" else 0)
+    from ftx.tracking.loggers import LOGGERS
+
+    for name, logger in _ACTIVE:
+        fail = getattr(LOGGERS.load(name), "fail", None)
+        if fail is not None:
+            fail(logger, status)
+    _ACTIVE.clear()

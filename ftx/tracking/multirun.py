@@ -1,7 +1,7 @@
 """Hydra callback for multiruns and sweeps: a progress line per finished trial, and
 at the end the local report (report.md, trials.csv, pareto.png) in the sweep
-directory plus, with logger=wandb, one W&B run holding the trials table and a
-quality-versus-memory scatter, so methods compare in one dashboard.
+directory plus, with a logger that has one (W&B, MLflow), a report run holding the
+trials table and the quality-versus-memory plot, so methods compare in one dashboard.
 
 Registered in conf/config.yaml under hydra.callbacks; Hydra imports this module at
 every start, so it imports nothing heavy at module level.
@@ -47,42 +47,8 @@ class MultirunReport(Callback):
             log.warning("no report: %s", error)
             return
         log.info("report: %s\n%s", out / "report.md", table)
-        if config.logger.name == "wandb":
-            log_trials_to_wandb(sweep_dir, config)
+        from ftx.tracking.loggers import LOGGERS
 
-
-def log_trials_to_wandb(sweep_dir: Path, config: DictConfig) -> None:
-    """One W&B run (job_type=report, grouped with the trials) with the trials table
-    and a quality-versus-peak-memory scatter."""
-    import wandb
-
-    from ftx.tracking import wandb_mode
-    from ftx.tracking.report import COLUMNS, choose_objective, find_runs, pareto_front, read_trial
-
-    rows = [read_trial(run) for run in find_runs([sweep_dir])]
-    objective = choose_objective(rows)
-    front = pareto_front(rows, objective)
-    table = wandb.Table(columns=[*COLUMNS, "pareto"])
-    for row in rows:
-        table.add_data(*[row.get(k) for k in COLUMNS], row["run"] in front)
-    run = wandb.init(
-        project=config.logger.project,
-        entity=config.logger.entity,
-        group=config.logger.group or sweep_dir.name,
-        job_type="report",
-        name=f"report-{sweep_dir.name}",
-        dir=str(sweep_dir),
-        mode=wandb_mode(config.logger.mode),
-        tags=list(config.logger.tags),
-    )
-    try:
-        run.log(
-            {
-                "trials": table,
-                "quality_vs_memory": wandb.plot.scatter(
-                    table, "memory.peak_bytes", objective.key, title=f"{objective.key} against peak memory"
-                ),
-            }
-        )
-    finally:
-        run.finish()
+        report = getattr(LOGGERS.load(config.logger.name), "report", None)
+        if report is not None:  # the logger's own report run (W&B, MLflow)
+            report(sweep_dir, config)

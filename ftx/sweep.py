@@ -22,6 +22,7 @@ a second objective.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -214,20 +215,97 @@ def make_pruner(settings: DictConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner() if settings.pruner is None else instantiate(settings.pruner)
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as logs and errors show it: the password hidden."""
+    if "://" not in url or url.startswith("sqlite"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparseable URL: show its scheme only
+        return url.split("://", 1)[0] + "://…"
+
+
 def open_study(settings: DictConfig, sweep_dir: str | Path, space: SearchSpace) -> optuna.Study:
-    """Create the study, or load it when it exists: a re-run resumes it."""
+    """Create the study, or load it when it exists: a re-run resumes it, provided its
+    search space and objectives are those it was created with."""
+    import sqlalchemy.exc
+
     url = storage_url(settings, sweep_dir)
-    study = optuna.create_study(
-        study_name=settings.study_name,
-        storage=make_storage(settings, url, retry=True),
-        sampler=make_sampler(settings, space),
-        pruner=make_pruner(settings),
-        directions=list(settings.directions),
-        load_if_exists=True,
-    )
+    try:
+        with _known_optuna_warnings_off():
+            storage = make_storage(settings, url, retry=True)
+        stored = _stored_settings(storage, settings.study_name)
+        if stored is not None:
+            _check_same_settings(stored, _settings_record(settings, space), settings.study_name)
+        study = optuna.create_study(
+            study_name=settings.study_name,
+            storage=storage,
+            sampler=make_sampler(settings, space),
+            pruner=make_pruner(settings),
+            directions=list(settings.directions),
+            load_if_exists=True,
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise ConfigError(
+            f"hydra.sweeper.storage={shown_url(url)}: cannot open the study's database ({reason}). Start the "
+            "database, or fix the URL (driver, user, host, port, database name); keep its password out of configs "
+            "with hydra.sweeper.storage='${oc.env:FTX_SWEEP_STORAGE}'."
+        ) from None
+    if stored is None:
+        study.set_user_attr(SETTINGS_ATTR, _settings_record(settings, space))
     for params in settings.enqueue:
         study.enqueue_trial(OmegaConf.to_container(params), skip_if_exists=True)
     return study
+
+
+SETTINGS_ATTR = "ftx.settings"
+"""The study's user attribute holding what a re-run must match: space, objectives, directions."""
+
+
+def _settings_record(settings: DictConfig, space: SearchSpace) -> dict[str, Any]:
+    from optuna.distributions import distribution_to_json
+
+    return {
+        "params": {name: json.loads(distribution_to_json(d)) for name, d in sorted(space.distributions.items())},
+        "objectives": list(settings.objectives),
+        "directions": list(settings.directions),
+    }
+
+
+def _stored_settings(storage: optuna.storages.BaseStorage, study_name: str) -> dict[str, Any] | None:
+    """What the stored study was created with (None: no such study yet, or one that
+    predates the record: it gets one now)."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return storage.get_study_user_attrs(study_id).get(SETTINGS_ATTR)
+
+
+def _check_same_settings(stored: dict[str, Any], current: dict[str, Any], study_name: str) -> None:
+    differences = []
+    for key in ("objectives", "directions"):
+        if stored[key] != current[key]:
+            differences.append(f"hydra.sweeper.{key} was {stored[key]}, now {current[key]}")
+    for name in sorted(stored["params"].keys() | current["params"].keys()):
+        was, now = stored["params"].get(name), current["params"].get(name)
+        if was != now:
+            differences.append(f"{name}: was {_shown_distribution(was)}, now {_shown_distribution(now)}")
+    if differences:
+        raise ConfigError(
+            f"study {study_name} was created with other settings: {'; '.join(differences)}. Its trials would not "
+            "compare with new ones: run with the stored settings to resume it, or start another study "
+            "(hydra.sweeper.study_name=NEW, or another storage)."
+        )
+
+
+def _shown_distribution(distribution: dict[str, Any] | None) -> str:
+    if distribution is None:
+        return "not searched"
+    return f"{distribution['name']}({', '.join(f'{k}={v}' for k, v in distribution['attributes'].items())})"
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -295,7 +373,7 @@ def _trial_loop(study, settings: DictConfig, space: SearchSpace, config: DictCon
     log.info(
         "study %s in %s: %d of %d trials done; %d to run, %d at a time%s",
         settings.study_name,
-        storage_url(settings, sweep_dir),
+        shown_url(storage_url(settings, sweep_dir)),
         finished_trials(study),
         settings.n_trials,
         progress.to_go(),

@@ -8,6 +8,7 @@ namespace package (no ``__init__.py``), shared with other installed plugins.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -39,10 +40,15 @@ class FtxOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
+        from ftx.config import ConfigError
         from ftx.sweep import run_sweep
 
         assert self.config is not None and self.launcher is not None
-        return run_sweep(self.settings, self.config, arguments, self._launch)
+        try:
+            return run_sweep(self.settings, self.config, arguments, self._launch)
+        except ConfigError as error:  # the sweep cannot start: say why, as ftx train does, without a traceback
+            print(f"ftx sweep: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def _launch(self, jobs: list[list[str]], initial_job_idx: int) -> Any:
         # Compose every job here first: a bad override fails before anything launches.

@@ -11,6 +11,7 @@ Every adapter module states ``PEFT_TYPE`` (PEFT's name for it) and provides:
   for backward on one Linear, beyond the Linear's input;
 - ``temporaries(method, targets)``: bytes alive only while one layer runs;
 - ``flops_per_token(method, targets)``: training FLOPs per token it adds;
+- ``note(method)``: what the planner's layer temporaries line adds for it (may be "");
 - ``check(method)``: what is wrong with its settings, or None;
 - ``rewrites_base(method)``: whether its initialisation changes the base weights
   (then the base with the adapter disabled is no longer the starting model).

@@ -20,7 +20,7 @@ def write_metrics(run_dir: Path, record: dict[str, Any]) -> Path:
     """Write metrics.json atomically: a reader never sees half a record."""
     path = run_dir / METRICS_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_strict_json(record), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(strict_json(record), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -85,12 +85,12 @@ def predicted_record(predicted, calibration=None) -> dict[str, Any]:
     } | ({"calibration": calibration.record()} if calibration is not None else {})
 
 
-def _strict_json(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     """NaN/inf become null (JSON has no such numbers); paths become strings."""
     if isinstance(value, dict):
-        return {str(k): _strict_json(v) for k, v in value.items()}
+        return {str(k): strict_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_strict_json(v) for v in value]
+        return [strict_json(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, str | int | float | bool) or value is None:

@@ -79,13 +79,13 @@ def log_record(logger, numbers: dict[str, float], result: dict[str, Any]) -> Non
 
 def finish(logger, cfg: DictConfig, result: dict[str, Any], artefact: Path | None) -> None:
     """The artefact and metrics.json as artifacts when given; the run FINISHED."""
-    from ftx.tracking import _strict_json, run_record
+    from ftx.tracking import run_record, strict_json
 
     client, run_id = logger.experiment, logger.run_id
     if artefact is not None:
         client.log_artifacts(run_id, str(artefact), artifact_path=artefact.name)
         record = run_record(cfg) | result | {"status": "completed"}  # what metrics.json holds
-        client.log_dict(run_id, _strict_json(record), "metrics.json")
+        client.log_dict(run_id, strict_json(record), "metrics.json")
     _end(client, run_id, "completed")
 
 

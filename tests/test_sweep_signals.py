@@ -20,7 +20,8 @@ from conftest import ftx_main, read_metrics, tiny_overrides
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-STEPS = 60  # long enough to be signalled in the middle; a checkpoint every 5 steps shows it has begun
+STEPS = 240  # a ~15 s window (2 workers, 2 cores) in which both are training; at 60 a worker that started
+# a few seconds late under load found the other one finished. A checkpoint every 5 steps shows it has begun
 LRS = (0.003, 0.002, 0.001)
 
 

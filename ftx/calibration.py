@@ -172,9 +172,10 @@ def _train_steps(cfg: DictConfig, base: str, config, batches: list[dict]) -> Non
     from ftx.models import load_model
     from ftx.objectives import sft
 
-    model = load_model(cfg, base, "cpu", config=config)
-    module = sft.Module(model, cfg)
     with _quiet():
+        # cut to fewer layers on purpose: transformers' report of the unused ones is not news
+        model = load_model(cfg, base, "cpu", config=config)
+        module = sft.Module(model, cfg)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
@@ -211,14 +212,21 @@ def _random_state_kept():
 
 @contextlib.contextmanager
 def _quiet():
-    """Lightning's start-up lines belong to the run's own Trainer, not this one."""
-    names = ("lightning.pytorch", "lightning.fabric", "transformers.modeling_utils")
+    """Lightning's start-up lines and warnings belong to the run's own Trainer, not
+    this one (which has no validation loop on purpose)."""
+    import warnings
+
+    # transformers.modeling_utils above WARNING turns on its tensor-parallel check, whose
+    # warning (layers "not sharded", on a CPU without tensor parallelism) is silenced too
+    names = ("lightning.pytorch", "lightning.fabric", "transformers.modeling_utils", "transformers.distributed")
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)

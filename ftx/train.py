@@ -37,8 +37,10 @@ class RunPruned(Exception):
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run one experiment; ``callbacks`` are extra Lightning callbacks (tests, tools,
     a sweep's pruning). Raises what failed it, after recording it; a pruned run returns."""
+    from ftx.console import route_libraries
     from ftx.trainer import is_rank_zero
 
+    route_libraries()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir)
@@ -90,6 +92,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list) -> dict[str, Any]:
     import lightning as L
 
     from ftx.calibration import predict_run
+    from ftx.console import run_line
     from ftx.data.tokenized import warn_truncation
     from ftx.evaluation import before_after
     from ftx.faults import find_resume
@@ -111,6 +114,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list) -> dict[str, Any]:
     # cannot be rendered stops the run here.
     loaders = objective.loaders(cfg, tokenizer, splits)
     stats = loaders[0].dataset.summary()
+    log.info(run_line(cfg, stats))
     warn_truncation(stats, cfg.data.max_length)
     resume = find_resume(cfg, run_dir)
 
@@ -167,9 +171,9 @@ def _parameters(model) -> dict[str, int]:
 
     params = count_parameters(model)
     log.info(
-        "parameters: %d total, %d trainable (%.2f%%)",
-        params["total"],
-        params["trainable"],
+        "parameters: %s total, %s trainable (%.2f%%)",
+        f"{params['total']:,}",
+        f"{params['trainable']:,}",
         100 * params["trainable"] / params["total"],
     )
     return params
@@ -177,10 +181,11 @@ def _parameters(model) -> dict[str, int]:
 
 def _score(which: str, objective, cfg: DictConfig, model, tokenizer, splits) -> dict[str, Any]:
     """The objective's quality figures of ``model`` now, logged as ``which``."""
+    from ftx.console import figures_line
     from ftx.evaluation import figures
 
     scores = objective.evaluate(cfg, model, tokenizer, splits)
-    log.info("%s: %s", which, figures(scores))
+    log.info("%s: %s", which, figures_line(figures(scores)))
     return scores
 
 

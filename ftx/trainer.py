@@ -49,18 +49,21 @@ def fit(cfg: DictConfig, module, loaders: tuple, run_dir: Path, memory, predicte
 def build(cfg: DictConfig, model, train_loader, run_dir: Path, logger, meter, callbacks: list):
     """(the Trainer, its Preemption callback). Callbacks run in this order: the meter
     (its clock brackets the others' work), the resume state, preemption,
-    checkpointing, then ``callbacks``."""
+    checkpointing, the progress lines (without a bar), then ``callbacks``."""
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from ftx.data.sampling import EpochSampler
     from ftx.faults import Preemption, ResumeState, fingerprint
+    from ftx.tracking.meter import ProgressLog
 
     settings, batches = cfg.trainer, len(train_loader)
     checkpoint_dir = run_dir / "checkpoints"
     requeue = settings.slurm_requeue and SLURMEnvironment.detect()
     preemption = Preemption(checkpoint_dir, handle_sigusr1=not requeue)
     sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochSampler) else None
+    bar = _progress_bar(settings.progress_bar)
+    lines = [ProgressLog(settings.progress_every, meter)] if not bar and settings.progress_every > 0 else []
     trainer = L.Trainer(
         accelerator=settings.accelerator,
         devices=settings.devices,
@@ -79,7 +82,7 @@ def build(cfg: DictConfig, model, train_loader, run_dir: Path, logger, meter, ca
         limit_val_batches=settings.limit_val_batches,
         num_sanity_val_steps=0,
         log_every_n_steps=settings.log_every_n_steps,
-        enable_progress_bar=_progress_bar(settings.progress_bar),
+        enable_progress_bar=bar,
         enable_model_summary=False,
         deterministic=settings.deterministic,
         logger=logger,
@@ -88,6 +91,7 @@ def build(cfg: DictConfig, model, train_loader, run_dir: Path, logger, meter, ca
             ResumeState(sampler, settings.batch_size, fingerprint(cfg)),
             preemption,
             *_checkpointing(cfg, checkpoint_dir),
+            *lines,
             *callbacks,
         ],
         enable_checkpointing=settings.save_checkpoints,

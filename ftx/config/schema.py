@@ -309,6 +309,9 @@ class TrainerConfig:
     """Logging interval in steps."""
     progress_bar: bool | None = None
     """null = on in a terminal, off in CI logs; true or false to force."""
+    progress_every: int = 25
+    """Without a progress bar: a line every this many optimizer steps (step, loss,
+    tokens/s, elapsed and remaining time; RL's mean reward); 0 = none."""
     save_checkpoints: bool = True
     """Write Lightning checkpoints (trainable weights + optimizer) to checkpoints/."""
     checkpoint_every: int | None = None

@@ -230,11 +230,16 @@ def _store(entry: Path, split: TokenizedSplit) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_ANNOUNCED: set[Path] = set()
+
+
 def _load(entry: Path) -> TokenizedSplit:
     from datasets import load_from_disk
 
     stats = SplitStats(**json.loads((entry / "stats.json").read_text()))
-    log.info("tokenized data from cache %s", entry)
+    if entry not in _ANNOUNCED:  # once: evaluation reads the held-out split again
+        _ANNOUNCED.add(entry)
+        log.info("tokenized data from cache %s", entry)
     return TokenizedSplit(load_from_disk(str(entry / "rows")).to_list(), stats)
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ftx.config import PretrainConfig
+from ftx.console import clock
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict[str, float]:
     order = torch.randperm(n_seq, generator=generator)
     position = 0
     losses = []
+    looping = time.perf_counter()
     for step in range(cfg.steps):
         if position + cfg.batch_size > n_seq:
             order, position = torch.randperm(n_seq, generator=generator), 0
@@ -174,7 +176,11 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            log.info("pretrain step %d/%d loss %.3f", step + 1, cfg.steps, sum(losses[-50:]) / len(losses[-50:]))
+            elapsed = time.perf_counter() - looping
+            left = clock(elapsed / (step + 1) * (cfg.steps - step - 1))
+            recent = sum(losses[-50:]) / len(losses[-50:])
+            done = f"{clock(elapsed)} elapsed, about {left} left"
+            log.info("pretrain step %d/%d · loss %.3f · %s", step + 1, cfg.steps, recent, done)
 
     model.eval()
     out_dir.mkdir(parents=True)

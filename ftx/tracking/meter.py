@@ -10,6 +10,7 @@ serves ``scripts/bench_throughput.py``'s TRL and plain-loop runs, so the figures
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ import lightning as L
 
 if TYPE_CHECKING:  # the run's own PeakMemory is handed in: tracking does not import memory
     from ftx.memory import PeakMemory
+
+_progress = logging.getLogger("ftx.progress")
 
 
 class RunMeter(L.Callback):
@@ -92,3 +95,26 @@ class StepClock:
         if self._first and self._first[1] > 0:
             return self._first[0] / self._first[1]
         return 0.0
+
+
+class ProgressLog(L.Callback):
+    """Progress without a progress bar (stdout not a terminal: CI, a SLURM log,
+    ``nohup``): a line every ``every`` optimizer steps and at the last, from
+    :func:`ftx.console.progress_line`."""
+
+    def __init__(self, every: int, meter: RunMeter) -> None:
+        self.every, self.meter = every, meter
+        self.started, self.first_step, self.logged = 0.0, 0, -1
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.started, self.first_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        from ftx.console import progress_line
+
+        step = trainer.global_step  # counts optimizer steps: the same for every micro-batch of one
+        if step != self.logged and (step % self.every == 0 or step == trainer.max_steps):
+            self.logged = step
+            _progress.info(progress_line(trainer, self.meter, self.started, self.first_step))

@@ -4,6 +4,7 @@ quality-versus-memory scatter); offline unless credentials exist (``logger.mode`
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 
 REQUIRES = None
 
+log = logging.getLogger(__name__)
+
 
 def make(cfg: DictConfig, run_dir: Path):
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     from ftx.tracking import multirun_group, wandb_mode
 
-    return WandbLogger(
+    logger = WandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.logger.group or multirun_group(),
@@ -26,7 +30,13 @@ def make(cfg: DictConfig, run_dir: Path):
         save_dir=str(run_dir),
         mode=wandb_mode(cfg.logger.mode),
         config=OmegaConf.to_container(cfg, resolve=True),
+        # W&B's own lines (banner, history sparklines, sync hints) stay off the
+        # console: ftx says where the run is and how to sync it (finish).
+        settings=wandb.Settings(silent=True),
     )
+    # Lightning passes anonymous=None, which W&B warns about on every run.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def finish(logger, cfg: DictConfig, result: dict[str, Any], artefact: Path | None) -> None:
@@ -38,7 +48,12 @@ def finish(logger, cfg: DictConfig, result: dict[str, Any], artefact: Path | Non
         model = wandb.Artifact(name=f"{run.name}-{artefact.name}".replace("/", "-"), type="model")
         model.add_dir(str(artefact))
         run.log_artifact(model)
+    offline = run.settings.mode == "offline"
     run.finish()
+    if offline:
+        log.info("W&B run saved offline; upload it with: wandb sync %s", Path(run.dir).parent)
+    else:
+        log.info("W&B run: %s", run.url)
 
 
 def report(sweep_dir: Path, config: DictConfig) -> None:
@@ -64,6 +79,7 @@ def report(sweep_dir: Path, config: DictConfig) -> None:
         dir=str(sweep_dir),
         mode=wandb_mode(config.logger.mode),
         tags=list(config.logger.tags),
+        settings=wandb.Settings(silent=True),
     )
     try:
         run.log(

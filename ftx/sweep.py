@@ -233,6 +233,8 @@ def open_study(settings: DictConfig, sweep_dir: str | Path, space: SearchSpace) 
     import sqlalchemy.exc
 
     url = storage_url(settings, sweep_dir)
+    if url.startswith(("sqlite:", "journal:")):  # a file (the default: in the sweep directory)
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
     try:
         with _known_optuna_warnings_off():
             storage = make_storage(settings, url, retry=True)
@@ -351,12 +353,13 @@ def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str
     # trainer.strategy=ddp, which would re-run the sweep in every rank) stops the
     # sweep instead of failing each trial.
     validate(config)
+    study = open_study(settings, sweep_dir, space)  # a database that does not answer: nothing written
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(settings, sweep_dir, space)
     stop_file = sweep_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)  # an earlier stop's request: this run resumes what it stopped
-    with stop_on_signals(stop_file, write=True) as stop:
-        _trial_loop(study, settings, space, config, launch, stop)
+    recorded: list[str] = []
+    with stop_on_signals(stop_file, write=True) as stop, _database_lost(settings, sweep_dir, recorded):
+        _trial_loop(study, settings, space, config, launch, stop, recorded)
         stopped_by = stop.signal
     write_best(study, sweep_dir, config)
     if stopped_by is not None:
@@ -364,9 +367,12 @@ def _run_sweep(settings: DictConfig, config: DictConfig, arguments: Sequence[str
     return study
 
 
-def _trial_loop(study, settings: DictConfig, space: SearchSpace, config: DictConfig, launch: Launch, stop) -> None:
+def _trial_loop(
+    study, settings: DictConfig, space: SearchSpace, config: DictConfig, launch: Launch, stop, recorded: list[str]
+) -> None:
     """Ask, launch and tell in batches of the launcher's parallelism until
-    ``n_trials`` trials have finished or a signal asks the sweep to stop."""
+    ``n_trials`` trials have finished or a signal asks the sweep to stop;
+    ``recorded`` gathers what this run told the study, one line per trial."""
     sweep_dir = Path(config.hydra.sweep.dir)
     batch_size = settings.n_jobs or launcher_parallelism(config.hydra.launcher)
     progress = Progress(study, settings.n_trials, batch_size, lambda: planned_seconds(config))
@@ -382,7 +388,7 @@ def _trial_loop(study, settings: DictConfig, space: SearchSpace, config: DictCon
     )
     while stop.requested() is None:
         _pause_orphans_that_stopped(study, sweep_dir)
-        optuna.storages.fail_stale_trials(study)  # a killed worker's trials: failed, then retried
+        _fail_stale_trials(study, sweep_dir)  # a killed worker's trials: failed, then retried
         to_go = settings.n_trials - finished_trials(study)
         if to_go <= 0:
             break
@@ -407,7 +413,33 @@ def _trial_loop(study, settings: DictConfig, space: SearchSpace, config: DictCon
         progress.batch_done(trials)
         for trial, job in zip(trials, returns, strict=True):
             tell(study, trial, job, settings)
-            progress.trial_done(study.trials[trial.number])
+            done = study.trials[trial.number]
+            recorded.append(f"trial {trial.number} {done.state.name.lower()}")
+            progress.trial_done(done)
+
+
+@contextlib.contextmanager
+def _database_lost(settings: DictConfig, sweep_dir: Path, recorded: list[str]) -> Iterator[None]:
+    """The study's database stopped answering in the middle of the sweep: stop with
+    what was recorded and where the rest is, instead of a traceback. The trials that
+    were running have ended by then (a run that could not report to the pruner
+    failed; its record, like every run's, is in its metrics.json); a trial left
+    RUNNING in the study is failed by its stale heartbeat and re-run with the same
+    parameters when the same command runs again."""
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+        cause = getattr(error, "__cause__", None) or error
+        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+        told = ", ".join(recorded) if recorded else "no trial"
+        raise ConfigError(
+            f"hydra.sweeper.storage={shown_url(storage_url(settings, sweep_dir))}: the study's database stopped "
+            f"answering ({reason}). This run recorded {told} before it; each run's result is in its directory "
+            f"under {sweep_dir} (metrics.json). When the database answers again, run the same command: it "
+            "resumes the study (a trial it could not record is re-run with its parameters)."
+        ) from None
 
 
 class Progress:
@@ -597,6 +629,31 @@ def _pause_orphans_that_stopped(study: optuna.Study, sweep_dir: Path) -> None:
                 log.warning("trial %d was stopped (%s); it resumes first", trial.number, record.get("error"))
 
 
+def _fail_stale_trials(study: optuna.Study, sweep_dir: Path) -> None:
+    """Trials whose heartbeat stopped (their worker, or the whole sweep, was killed)
+    fail, and Optuna's retry callback enqueues their parameters again. A killed run
+    wrote no record: it gets one saying so, so the report lists it beside its retry."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not running:
+        return
+    optuna.storages.fail_stale_trials(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.number not in running:
+            continue
+        log.warning("trial %d failed: no heartbeat for longer than the grace period (killed?)", trial.number)
+        for run_dir in sweep_dir.glob(f"{trial.number}-*"):
+            if (run_dir / "metrics.json").is_file() or not (run_dir / ".hydra" / "config.yaml").is_file():
+                continue
+            from ftx.tracking import run_record, write_metrics
+
+            try:
+                record = run_record(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+            except Exception:  # a config this version cannot resolve: the status still says it
+                record = {}
+            error = "killed: its heartbeat stopped before the run ended; the sweep re-runs its parameters"
+            write_metrics(run_dir, record | {"status": "failed", "error": error})
+
+
 def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, error: str, max_retry: int) -> None:
     """Fail a trial whose job was lost, and enqueue its parameters again unless they
     were already retried ``max_retry`` times (as Optuna's heartbeat retry does)."""
@@ -778,8 +835,15 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int, interval: in
     stop = threading.Event()
 
     def beat() -> None:
+        warned = False
         while True:
-            storage.record_heartbeat(trial_id)
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as error:  # the database went away: the run goes on; say it once
+                if not warned:
+                    log.warning("heartbeat of trial %d not recorded (%s): the study's database is not answering",
+                                trial_id, type(error).__name__)  # fmt: skip
+                    warned = True
             if stop.wait(interval):
                 return
 

@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +48,14 @@ def free_port() -> int:
 @contextmanager
 def postgres() -> Iterator[str]:
     """Yield the URL of a fresh database (password auth, md5) on a free port."""
+    with server() as (url, _):
+        yield url
+
+
+@contextmanager
+def server() -> Iterator[tuple[str, Callable[[str], None]]]:
+    """(the URL, ``pg_ctl(action)``): a fresh database whose server a test can
+    ``"stop"`` (at once, as a crash or a lost network would) and ``"start"`` again."""
     bin_dir, root = binaries(), Path(tempfile.mkdtemp(prefix="ftx-pg-", dir="/tmp"))
     as_user: list[str] = []
     if os.geteuid() == 0:
@@ -66,7 +74,13 @@ def postgres() -> Iterator[str]:
 
     run(str(bin_dir / "initdb"), "-D", str(data), "-U", USER, "--pwfile", str(root / "pw"), "-A", "md5")
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=100"
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start")
+    def pg_ctl(action: str) -> None:
+        if action == "stop":
+            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        else:
+            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start")
+
+    pg_ctl("start")
     try:
         env = os.environ | {"PGPASSWORD": PASSWORD}
         created = subprocess.run(
@@ -78,7 +92,7 @@ def postgres() -> Iterator[str]:
         )
         if created.returncode != 0:
             raise RuntimeError(f"createdb failed: {created.stderr}")
-        yield f"postgresql+psycopg2://{USER}:{PASSWORD}@127.0.0.1:{port}/{DATABASE}"
+        yield f"postgresql+psycopg2://{USER}:{PASSWORD}@127.0.0.1:{port}/{DATABASE}", pg_ctl
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -138,3 +138,50 @@ def test_trainer_slurm_requeues_on_its_signal_and_the_requeued_job_resumes(
     record = read_metrics(run)
     assert record["train"]["steps"] == 300 and record["train"]["resumed_from"] is not None
     assert list(run.glob("hpc_ckpt_*.ckpt")), "Lightning's requeue checkpoint"
+
+
+def test_slurm_jobs_share_one_postgres_study(cluster, tiny_model_dir, tiny_data, tmp_path):
+    """Two trials at a time as SLURM jobs, reporting to one study in PostgreSQL (what
+    several nodes share); each trial in the database exactly once, its values those
+    of its run's metrics.json, every job COMPLETED."""
+    import optuna
+    import postgres_server
+    from optuna.trial import TrialState
+
+    pytest.importorskip("psycopg2", reason="PostgreSQL storage needs psycopg2 (pip install psycopg2-binary)")
+    if postgres_server.why_unavailable():
+        pytest.skip(postgres_server.why_unavailable())
+    lrs = (0.003, 0.002, 0.001)
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_data, tmp_path) if not o.startswith("paths.")]
+    with postgres_server.postgres() as url:
+        command = [
+            *(sys.executable, "-m", "ftx.cli", "sweep", "lora_rank_lr"),
+            *overrides,
+            *LAUNCHER,
+            "hydra.launcher.array_parallelism=2",
+            f"hydra.sweep.dir={tmp_path}",
+            "hydra.sweeper.storage=${oc.env:FTX_SWEEP_STORAGE}",  # every job reads the URL from its environment
+            "hydra.sweeper.study_name=slurm-pg",
+            "hydra.sweeper.n_trials=3",
+            f"optim.lr=choice({','.join(map(str, lrs))})",
+            "hydra.sweeper.enqueue=[" + ",".join(f"{{optim.lr:{lr}}}" for lr in lrs) + "]",
+            "hydra.sweeper.pruner=null",
+            "hydra.sweeper.objectives=[quality.eval_loss]",
+            "hydra.sweeper.directions=[minimize]",
+            "data.eval_examples=2",
+        ]
+        env = cluster.env | {"FTX_SWEEP_STORAGE": url}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        study = optuna.load_study(study_name="slurm-pg", storage=url)
+        assert [t.number for t in study.trials] == [0, 1, 2]
+        assert all(t.state == TrialState.COMPLETE for t in study.trials)
+        assert sorted(t.params["optim.lr"] for t in study.trials) == sorted(lrs)
+        for trial in study.trials:
+            (run,) = tmp_path.glob(f"{trial.number}-*")
+            assert trial.values == [pytest.approx(read_metrics(run)["quality"]["eval_loss"])]
+    states = job_states(cluster, tmp_path)
+    assert len(states) == 3 and set(states.values()) == {"COMPLETED"}, states
+    assert postgres_server.PASSWORD not in done.stdout + done.stderr
+    logs = [p for p in (tmp_path / ".submitit").rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".sh")]
+    assert logs and not any(postgres_server.PASSWORD.encode() in p.read_bytes() for p in logs)

@@ -44,6 +44,10 @@ commands:
   export RUN_DIR --out DIR [--adapter-only]
                         merge the adapter into the base (dequantized for QLoRA):
                         a directory that loads with AutoModelForCausalLM
+  export RUN_DIR --format gguf --out PATH [--gguf-type f16|bf16|q8_0]
+                        the merged model as one GGUF file, tokenizer and chat
+                        template inside, for llama.cpp / Ollama (Llama, Mistral,
+                        Qwen2); PATH a .gguf file or a directory (model-TYPE.gguf)
   data validate [overrides]
                         check the data of a config: every problem as
                         file:line, over-length examples, a token statistics
@@ -52,7 +56,8 @@ commands:
 
   report PATH... [--out DIR]
                         table of runs sorted by quality, Pareto front marked:
-                        writes report.md, trials.csv, pareto.png (default: in PATH)
+                        writes report.md, trials.csv, pareto.png and report.html
+                        (one self-contained page for a browser; default: in PATH)
 
 Every value of `ftx train --cfg job` can be overridden as key=value.
 """
@@ -279,14 +284,39 @@ def generate(args: list[str]) -> None:
 def export(args: list[str]) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="ftx export", description="Export a run as a Hugging Face directory.")
+    from ftx.gguf import DEFAULT_GGUF_TYPE, GGUF_TYPES  # tables only: gguf and torch load when it writes
+
+    parser = argparse.ArgumentParser(
+        prog="ftx export", description="Export a run as a Hugging Face directory or a GGUF file."
+    )
     parser.add_argument("run_dir")
-    parser.add_argument("--out", required=True, help="new directory to write")
+    parser.add_argument(
+        "--out", required=True, help="hf: a new directory; gguf: a .gguf file, or a directory for model-TYPE.gguf"
+    )
+    parser.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (default) or gguf (llama.cpp)")
+    parser.add_argument(
+        "--gguf-type",
+        choices=GGUF_TYPES,
+        help=f"GGUF weight type (default {DEFAULT_GGUF_TYPE}; q8_0 is about half the size, at 8-bit rounding)",
+    )
     parser.add_argument("--adapter-only", action="store_true", help="copy the PEFT adapter instead of merging")
     options = parser.parse_args(args)
-    from ftx.runs import export_run
+    if options.format == "hf":
+        if options.gguf_type is not None:
+            raise ValueError("--gguf-type applies to --format gguf only")
+        from ftx.runs import export_run
 
-    out = export_run(Path(options.run_dir), Path(options.out), adapter_only=options.adapter_only)
+        out = export_run(Path(options.run_dir), Path(options.out), adapter_only=options.adapter_only)
+    else:
+        if options.adapter_only:
+            raise ValueError("--adapter-only writes a PEFT adapter; a GGUF file holds the merged model (drop one)")
+        from ftx.gguf import export_gguf
+
+        try:
+            out = export_gguf(Path(options.run_dir), Path(options.out), options.gguf_type or DEFAULT_GGUF_TYPE)
+        except ImportError as error:  # the gguf package is an extra
+            print(f"ftx export: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
     print(f"wrote {out}")
 
 
@@ -296,7 +326,7 @@ def report(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ftx report", description="Compare runs: quality against peak memory.")
     parser.add_argument("paths", nargs="+", help="run directories, or sweep/output directories holding them")
     parser.add_argument(
-        "--out", help="where report.md, trials.csv and pareto.png go (default: the single PATH, else .)"
+        "--out", help="where report.md, trials.csv, pareto.png and report.html go (default: the single PATH, else .)"
     )
     options = parser.parse_args(args)
     from ftx.tracking.report import write_report
@@ -308,7 +338,8 @@ def report(args: list[str]) -> None:
         print(f"ftx report: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(table)
-    print(f"\nwrote {out_dir / 'report.md'}, {out_dir / 'trials.csv'}, {out_dir / 'pareto.png'}")
+    written = ", ".join(str(out_dir / name) for name in ("report.md", "trials.csv", "pareto.png", "report.html"))
+    print(f"\nwrote {written}")
 
 
 def sweep(args: list[str]) -> None:

@@ -100,20 +100,31 @@ def _untie_adapted_head(model: PreTrainedModel, adapter: Path) -> None:
         model.config.tie_word_embeddings = False
 
 
+def completed_record(run_dir: Path) -> dict:
+    """The run's metrics.json, refusing a run that did not complete: its artefact may be partial or absent."""
+    record = json.loads((run_dir / METRICS_FILE).read_text())
+    if record.get("status") != "completed":
+        raise ValueError(f"{run_dir}: status is {record.get('status')!r}, not completed; nothing to export")
+    return record
+
+
 def export_run(run_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path:
     """Write a directory that loads with plain transformers (or peft, adapter_only)."""
     import shutil
 
-    record = json.loads((run_dir / METRICS_FILE).read_text())
-    if record.get("status") != "completed":
-        raise ValueError(f"{run_dir}: status is {record.get('status')!r}, not completed; nothing to export")
+    record = completed_record(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
     if adapter_only:
         source = run_dir / record["artefact"]
         shutil.copytree(source, out_dir, dirs_exist_ok=True)
     else:
+        from ftx.data.tokenized import renderer_for
+
         model, tokenizer = load_run(run_dir, merged=True)
+        # The template the run trained with (data.chat_template, the tokenizer's, or
+        # ftx's default), so a server's apply_chat_template renders as training did.
+        tokenizer.chat_template = renderer_for(run_config(run_dir), tokenizer).chat_template
         model.config.use_cache = True
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)

@@ -74,6 +74,7 @@ def server() -> Iterator[tuple[str, Callable[[str], None]]]:
 
     run(str(bin_dir / "initdb"), "-D", str(data), "-U", USER, "--pwfile", str(root / "pw"), "-A", "md5")
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=100"
+
     def pg_ctl(action: str) -> None:
         if action == "stop":
             run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")

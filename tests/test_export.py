@@ -83,6 +83,13 @@ def test_export_loads_in_a_process_without_ftx(tiny_model_dir, tiny_data, tmp_pa
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "llama", done.stderr
+    from transformers import AutoTokenizer
+
+    from ftx.data.tokenized import renderer_for
+    from ftx.runs import run_config
+
+    trained = renderer_for(run_config(run), AutoTokenizer.from_pretrained(run / "adapter")).chat_template
+    assert AutoTokenizer.from_pretrained(out).chat_template == trained  # what training rendered with
     with pytest.raises(FileExistsError):
         export_run(run, tmp_path / "export")
 

@@ -133,7 +133,7 @@ def test_multirun_jobs_are_separate_runs_in_one_experiment_with_a_report(server,
         record = read_metrics(Path(dirs[trial.data.params["method.name"]]))
         assert trial.data.metrics["quality.eval_loss"] == pytest.approx(record["quality"]["eval_loss"])
     artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
-    assert {"trials.json", "report.md", "trials.csv", "pareto.png"} <= artifacts
+    assert {"trials.json", "report.md", "trials.csv", "pareto.png", "report.html"} <= artifacts
 
 
 def test_without_a_tracking_uri_it_writes_mlflows_local_default(monkeypatch, tiny_model_dir, tiny_data, tmp_path):

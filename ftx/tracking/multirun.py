@@ -1,7 +1,8 @@
 """Hydra callback for multiruns and sweeps: a progress line per finished trial, and
-at the end the local report (report.md, trials.csv, pareto.png) in the sweep
-directory plus, with a logger that has one (W&B, MLflow), a report run holding the
-trials table and the quality-versus-memory plot, so methods compare in one dashboard.
+at the end the local report (report.md, trials.csv, pareto.png, report.html) in the
+sweep directory plus, with a logger that has one (W&B, MLflow), a report run holding
+the trials table and the quality-versus-memory plot, so methods compare in one
+dashboard.
 
 Registered in conf/config.yaml under hydra.callbacks; Hydra imports this module at
 every start, so it imports nothing heavy at module level.
@@ -46,7 +47,7 @@ class MultirunReport(Callback):
         except FileNotFoundError as error:
             log.warning("no report: %s", error)
             return
-        log.info("report: %s\n%s", out / "report.md", table)
+        log.info("report: %s (in a browser: %s)\n%s", out / "report.md", out / "report.html", table)
         from ftx.tracking.loggers import LOGGERS
 
         report = getattr(LOGGERS.load(config.logger.name), "report", None)

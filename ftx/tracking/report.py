@@ -1,6 +1,7 @@
 """The local report: run and sweep directories → a table sorted by quality with the
-Pareto-optimal rows marked (report.md, trials.csv) and a quality-versus-memory
-plot (pareto.png). Needs only metrics.json and .hydra/config.yaml, no W&B.
+Pareto-optimal rows marked (report.md, trials.csv), a quality-versus-memory plot
+(pareto.png) and the same in one self-contained page for a browser (report.html,
+ftx.tracking.html). Needs only metrics.json and .hydra/config.yaml, no W&B.
 
 Pareto-optimal: no other completed run is at least as good in quality *and* uses
 no more peak memory, while being strictly better in one of them.
@@ -35,6 +36,40 @@ COLUMNS = (
     "sweep_trial.number",  # the Optuna trial, in a sweep by ftx's sweeper
 )
 _CONFIG_COLUMNS = ("method.r", "method.adapter", "optim.lr", "sweep_trial.number")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the trials table, shared by report.md and report.html so they agree."""
+
+    header: str
+    key: str  # the dotted metric name
+    fmt: str = "{}"
+    mib: bool = False  # bytes, shown in MiB
+
+    def value(self, row: dict[str, Any]) -> Any:
+        value = row.get(self.key)
+        return mib(value) if self.mib else value
+
+    def text(self, row: dict[str, Any]) -> str:
+        return _text(self.value(row), self.fmt)
+
+
+TABLE = (
+    Column("run", "run"),
+    Column("method", "method"),
+    Column("quant", "quant"),
+    Column("precision", "precision"),
+    Column("r", "method.r"),
+    Column("lr", "optim.lr", "{:g}"),
+    Column("task score", "quality.task_score", "{:.3f}"),
+    Column("eval loss", "quality.eval_loss", "{:.4f}"),
+    Column("peak MiB", "memory.peak_bytes", "{:.1f}", mib=True),
+    Column("predicted MiB", "memory.predicted_bytes", "{:.1f}", mib=True),
+    Column("trainable", "params.trainable", "{:,}"),
+    Column("tokens/s", "throughput.tokens_per_s", "{:,.0f}"),
+    Column("status", "status"),
+)
 
 
 @dataclass(frozen=True)
@@ -78,14 +113,19 @@ def read_trial(run_dir: Path) -> dict[str, Any]:
 def choose_objective(rows: list[dict[str, Any]]) -> Objective:
     """Task score where every completed run has one, else held-out loss."""
     done = [r for r in rows if r.get("status") == "completed"]
-    if done and all(_number(r.get("quality.task_score")) for r in done):
+    if done and all(finite_number(r.get("quality.task_score")) for r in done):
         return Objective("quality.task_score", higher_is_better=True)
     return Objective("quality.eval_loss", higher_is_better=False)
 
 
+def completed(rows: list[dict[str, Any]], objective: Objective) -> list[dict[str, Any]]:
+    """The runs a plot and the Pareto front are about: completed, with a finite quality figure."""
+    return [r for r in rows if r.get("status") == "completed" and finite_number(r.get(objective.key))]
+
+
 def pareto_front(rows: list[dict[str, Any]], objective: Objective) -> set[str]:
     """Names of the completed runs no other run dominates in (quality, peak memory)."""
-    done = [r for r in rows if r.get("status") == "completed" and _number(r.get(objective.key))]
+    done = completed(rows, objective)
     front = set()
     for row in done:
         q, m = row[objective.key], row["memory.peak_bytes"]
@@ -106,7 +146,7 @@ def sort_rows(rows: list[dict[str, Any]], objective: Objective) -> list[dict[str
 
     def key(row: dict[str, Any]) -> tuple:
         value = row.get(objective.key)
-        if row.get("status") != "completed" or not _number(value):
+        if row.get("status") != "completed" or not finite_number(value):
             return (1, 0.0, 0.0, row["run"])
         return (0, sign * value, row.get("memory.peak_bytes") or 0, row["run"])
 
@@ -115,46 +155,16 @@ def sort_rows(rows: list[dict[str, Any]], objective: Objective) -> list[dict[str
 
 def markdown_table(rows: list[dict[str, Any]], objective: Objective) -> str:
     front = pareto_front(rows, objective)
-    header = [
-        "",
-        "run",
-        "method",
-        "quant",
-        "precision",
-        "r",
-        "lr",
-        "task score",
-        "eval loss",
-        "peak MiB",
-        "predicted MiB",
-        "trainable",
-        "tokens/s",
-        "status",
-    ]
+    header = ["", *(column.header for column in TABLE)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in sort_rows(rows, objective):
-        cells = [
-            "★" if row["run"] in front else "",
-            row["run"],
-            _text(row.get("method")),
-            _text(row.get("quant")),
-            _text(row.get("precision")),
-            _text(row.get("method.r")),
-            _text(row.get("optim.lr"), "{:g}"),
-            _text(row.get("quality.task_score"), "{:.3f}"),
-            _text(row.get("quality.eval_loss"), "{:.4f}"),
-            _text(_mib(row.get("memory.peak_bytes")), "{:.1f}"),
-            _text(_mib(row.get("memory.predicted_bytes")), "{:.1f}"),
-            _text(row.get("params.trainable"), "{:,}"),
-            _text(row.get("throughput.tokens_per_s"), "{:,.0f}"),
-            _text(row.get("status")),
-        ]
+        cells = ["★" if row["run"] in front else "", *(column.text(row) for column in TABLE)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_report(paths: list[str | Path], out_dir: str | Path) -> tuple[Path, str]:
-    """Write report.md, trials.csv and pareto.png to ``out_dir``; return (dir, table)."""
+    """Write report.md, trials.csv, pareto.png and report.html to ``out_dir``; return (dir, table)."""
     runs = find_runs(paths)
     if not runs:
         raise FileNotFoundError(f"no run directories (with {METRICS_FILE}) under: {', '.join(map(str, paths))}")
@@ -178,6 +188,9 @@ def write_report(paths: list[str | Path], out_dir: str | Path) -> tuple[Path, st
         for row in sort_rows(rows, objective):
             writer.writerow({**{k: row.get(k) for k in COLUMNS}, "pareto": row["run"] in front})
     plot_pareto(rows, objective, out / "pareto.png")
+    from ftx.tracking.html import write_html  # imports this module: a cycle at module level
+
+    write_html(rows, runs, objective, out / "report.html")
     return out, table
 
 
@@ -188,14 +201,14 @@ def plot_pareto(rows: list[dict[str, Any]], objective: Objective, path: Path) ->
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r.get("status") == "completed" and _number(r.get(objective.key))]
+    done = completed(rows, objective)
     front = pareto_front(rows, objective)
     markers = "osD^vP*Xh<>"
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for i, method in enumerate(sorted({str(r.get("method")) for r in done})):
         points = [r for r in done if str(r.get("method")) == method]
         ax.scatter(
-            [_mib(r["memory.peak_bytes"]) for r in points],
+            [mib(r["memory.peak_bytes"]) for r in points],
             [r[objective.key] for r in points],
             marker=markers[i % len(markers)],
             s=60,
@@ -205,7 +218,7 @@ def plot_pareto(rows: list[dict[str, Any]], objective: Objective, path: Path) ->
     line = sorted((r for r in done if r["run"] in front), key=lambda r: r["memory.peak_bytes"])
     if line:
         ax.step(
-            [_mib(r["memory.peak_bytes"]) for r in line],
+            [mib(r["memory.peak_bytes"]) for r in line],
             [r[objective.key] for r in line],
             where="post",
             color="0.4",
@@ -224,12 +237,14 @@ def plot_pareto(rows: list[dict[str, Any]], objective: Objective, path: Path) ->
     plt.close(fig)
 
 
-def _number(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """A real, finite figure: not None, not a bool, not NaN or inf (a failed run's)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _mib(value: Any) -> float | None:
-    return value / 2**20 if _number(value) else None
+def mib(value: Any) -> float | None:
+    """Bytes in MiB, None for a missing figure."""
+    return value / 2**20 if finite_number(value) else None
 
 
 def _text(value: Any, fmt: str = "{}") -> str:

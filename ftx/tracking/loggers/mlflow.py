@@ -101,7 +101,7 @@ def _end(client, run_id: str, status: str) -> None:
 
 def report(sweep_dir: Path, config: DictConfig) -> None:
     """A run ``report-SWEEP`` in the trials' experiment: the trials table (trials.json)
-    and the sweep's report.md, trials.csv and pareto.png as artifacts."""
+    and the sweep's report.md, trials.csv, pareto.png and report.html as artifacts."""
     from mlflow import MlflowClient
 
     from ftx.tracking.report import COLUMNS, choose_objective, find_runs, pareto_front, read_trial
@@ -116,7 +116,7 @@ def report(sweep_dir: Path, config: DictConfig) -> None:
         front = pareto_front(rows, choose_objective(rows))
         table = {key: [row.get(key) for row in rows] for key in COLUMNS} | {"pareto": [r["run"] in front for r in rows]}
         client.log_table(run.info.run_id, data=table, artifact_file="trials.json")
-        for name in ("report.md", "trials.csv", "pareto.png"):
+        for name in ("report.md", "trials.csv", "pareto.png", "report.html"):
             if (sweep_dir / name).is_file():
                 client.log_artifact(run.info.run_id, str(sweep_dir / name))
     except BaseException:

@@ -57,8 +57,8 @@ def finish(logger, cfg: DictConfig, result: dict[str, Any], artefact: Path | Non
 
 
 def report(sweep_dir: Path, config: DictConfig) -> None:
-    """One W&B run (job_type=report, grouped with the trials) with the trials table
-    and a quality-versus-peak-memory scatter."""
+    """One W&B run (job_type=report, grouped with the trials) with the trials table,
+    a quality-versus-peak-memory scatter and the sweep's report.html."""
     import wandb
 
     from ftx.tracking import wandb_mode
@@ -81,9 +81,11 @@ def report(sweep_dir: Path, config: DictConfig) -> None:
         tags=list(config.logger.tags),
         settings=wandb.Settings(silent=True),
     )
+    page = sweep_dir / "report.html"  # the sweep's own page (scatter, sortable table, config diffs)
     try:
         run.log(
-            {
+            ({"report_page": wandb.Html(page.read_text())} if page.is_file() else {})
+            | {
                 "trials": table,
                 "quality_vs_memory": wandb.plot.scatter(
                     table, "memory.peak_bytes", objective.key, title=f"{objective.key} against peak memory"

@@ -224,3 +224,30 @@ def test_bench_script_prints_its_table_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| method | quant | precision | predicted MiB | measured MiB | error |" in done.stdout
     assert "| lora | none | 32-true |" in done.stdout
+
+
+def test_an_rl_plan_counts_its_sampling(tiny_model_dir, tiny_data, tmp_path):
+    """RLOO/GRPO time covers generating k completions per prompt (a forward per new
+    token, at least the weights read once per token on a GPU), the reference's
+    log-probabilities and the update over prompt + completion, k rows per prompt."""
+    base = [*tiny_overrides(tiny_model_dir, tiny_data, tmp_path, steps=10), "trainer.batch_size=2"]
+    rl = [*base, "objective=grpo", "objective.reward_functions=[json_valid]", "data.max_new_tokens=16"]
+
+    def planned(*extra):
+        return plan(compose_config([*rl, *extra]))
+
+    four, eight = planned("objective.num_generations=4"), planned("objective.num_generations=8")
+    assert four.generated_tokens == 10 * 2 * 4 * 16  # steps × prompts × k × max_new_tokens
+    assert eight.generated_tokens == 2 * four.generated_tokens
+    assert eight.flops == pytest.approx(2 * four.flops)  # every term scales with the completions
+    assert four.flops > 3 * plan(compose_config(base)).flops / 2  # not the prompts' update alone
+    weights = next(i.bytes for i in four.items if i.key == "weights")
+    slow_memory = planned("objective.num_generations=4", "plan.gpu_bandwidth_gbs=0.001")
+    assert slow_memory.train_s >= 10 * 16 * weights / 1e6  # decoding reads the weights once per token
+    assert slow_memory.flops == four.flops and four.train_s < slow_memory.train_s
+    longer = planned("objective.num_generations=4", "data.max_new_tokens=32")
+    assert longer.generated_tokens == 2 * four.generated_tokens and longer.flops > four.flops
+    from ftx.memory.plan import describe
+
+    assert "of which sampling: 1,280 completion tokens generated" in describe(four)
+    assert plan(compose_config(base)).generated_tokens == 0 and "sampling" not in describe(plan(compose_config(base)))

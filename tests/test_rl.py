@@ -217,6 +217,7 @@ def test_grpo_run_trains_the_policy_and_leaves_the_reference(method, tiny_model_
     assert {"base_reward", "reward", "eval_loss", "task_score"} <= quality.keys()
     for name in ("loss", "reward_mean", "reward_std", "kl", "completion_length", "reward.json_valid_mean"):
         assert f"train.{name}" in reference.logged, name
+    assert {"train.loss", "train.reward_mean"} <= reference.shown  # in the progress bar and progress lines
 
 
 class ReferenceSnapshot(Snapshot):
@@ -229,7 +230,7 @@ class ReferenceSnapshot(Snapshot):
 
     def on_fit_end(self, trainer, module):
         super().on_fit_end(trainer, module)
-        self.logged = set(trainer.callback_metrics)
+        self.logged, self.shown = set(trainer.callback_metrics), set(trainer.progress_bar_metrics)
         if self.ref is None:  # the reference is the base under the disabled adapter
             frozen = {n for n in self.before if n not in self.trainable}
             self.unchanged = bool(frozen) and all(torch.equal(self.before[n], self.after[n]) for n in frozen)

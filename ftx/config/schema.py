@@ -381,6 +381,9 @@ class PlanConfig:
     """Its memory, GB (1e9 bytes, as vendors quote it)."""
     gpu_tflops: float = 989.0
     """Its dense bf16 tensor-core peak, TFLOP/s (vendor datasheet)."""
+    gpu_bandwidth_gbs: float = 3350.0
+    """Its memory bandwidth, GB/s (vendor datasheet): RL's sampling reads every weight
+    once per generated token, which bounds its time from below."""
     price_per_hour: float = 2.99
     """On-demand price of one such GPU, USD per hour: set your provider's."""
     mfu: float = 0.35

@@ -243,6 +243,8 @@ class Plan:
     hosted_usd: dict[str, float] = field(default_factory=dict)
     budget_bytes: float | None = None
     budget_label: str = ""
+    generated_tokens: int = 0
+    """RL: completion tokens sampled (prompts × k × data.max_new_tokens, at most)."""
 
     @property
     def peak_bytes(self) -> int:
@@ -301,7 +303,8 @@ def plan(
     device = device_of(cfg.trainer.accelerator)  # the device the run will measure on
     seq = seq or max(lengths)
     memory, peak_phase = _memory_items(cfg, arch, device, seq, overhead or configured_overhead(cfg, device), trained)
-    train = _training_cost(cfg, arch, lengths)
+    weights = next(item.bytes for item in memory if item.key == "weights")
+    train = _training_cost(cfg, arch, lengths, weights)
     # The verdict is against the budget, else the GPU's memory; a CPU run without a
     # budget has nothing to be checked against.
     budget_gb = cfg.plan.budget_gb
@@ -327,6 +330,7 @@ def plan(
         artefact="adapter" if cfg.method.adapter is not None else "model",
         artefact_bytes=_artefact_bytes(cfg, arch),
         tokens=train["tokens"],
+        generated_tokens=train["generated_tokens"],
         tokens_estimated=estimated,
         flops=train["flops"],
         gpu=cfg.plan.gpu,
@@ -738,8 +742,9 @@ def training_steps(trainer: DictConfig, sequences: int) -> float:
     return trainer.max_epochs * math.ceil(sequences / trainer.batch_size) / trainer.accumulate_grad_batches
 
 
-def _training_cost(cfg: DictConfig, arch: Architecture, lengths: list[int]) -> dict[str, float]:
-    """Tokens, FLOPs and seconds of the configured training.
+def _training_cost(cfg: DictConfig, arch: Architecture, lengths: list[int], weight_bytes: int) -> dict[str, float]:
+    """Tokens, FLOPs and seconds of the configured training (for RL, with its
+    sampling: :func:`_sampling_cost`).
 
     FLOPs per token (Kaplan et al. 2020 §2.1; PaLM, Chowdhery et al. 2022, app. B):
     forward 2N over the matmul weights N, backward 4N (input and weight gradients)
@@ -748,12 +753,24 @@ def _training_cost(cfg: DictConfig, arch: Architecture, lengths: list[int]) -> d
     gradient checkpointing repeats the forward; DoRA with dropout runs each target's
     base matmul again on the dropped input (forward + input gradient).
     """
-    trainer, method = cfg.trainer, cfg.method
+    from ftx.objectives import OBJECTIVES
+
+    trainer = cfg.trainer
     mean = sum(lengths) / len(lengths)
     steps = training_steps(trainer, len(lengths))
+    if OBJECTIVES.fact(cfg.objective.name, "SAMPLES"):
+        return _sampling_cost(cfg, arch, steps, mean, weight_bytes)
     tokens = steps * trainer.batch_size * trainer.accumulate_grad_batches * mean
-    matmul = sum(lin.d_in * lin.d_out for lin in arch.linears)
-    attention = 12 * arch.layers * arch.heads * arch.head_dim * mean
+    flops = _update_flops_per_token(cfg, arch, mean) * tokens
+    seconds = flops / (cfg.plan.gpu_tflops * 1e12 * cfg.plan.mfu)
+    return {"tokens": int(tokens), "flops": flops, "seconds": seconds, "generated_tokens": 0}
+
+
+def _update_flops_per_token(cfg: DictConfig, arch: Architecture, context: float) -> float:
+    """Forward + backward FLOPs per trained token at a mean ``context`` length."""
+    method = cfg.method
+    matmul = _matmul_params(arch)
+    attention = 12 * arch.layers * arch.heads * arch.head_dim * context
     if method.adapter is None:
         per_token = 6 * matmul + attention
     else:
@@ -762,9 +779,45 @@ def _training_cost(cfg: DictConfig, arch: Architecture, lengths: list[int]) -> d
         )
     if cfg.model.gradient_checkpointing:
         per_token += 2 * matmul + attention / 3
-    flops = per_token * tokens
-    seconds = flops / (cfg.plan.gpu_tflops * 1e12 * cfg.plan.mfu)
-    return {"tokens": int(tokens), "flops": flops, "seconds": seconds}
+    return per_token
+
+
+def _matmul_params(arch: Architecture) -> int:
+    return sum(lin.d_in * lin.d_out for lin in arch.linears)
+
+
+def _sampling_cost(cfg: DictConfig, arch: Architecture, steps: float, prompt: float, weight_bytes: int) -> dict:
+    """RLOO/GRPO: each step samples k completions of at most data.max_new_tokens for
+    every prompt, scores them, and trains on prompt + completion.
+
+    - Generation: a forward per new token with the KV cache (2N + attention over the
+      context so far); on a GPU, each decoding step also reads every weight once for
+      the whole batch, so its time is at least (weight bytes / plan.gpu_bandwidth_gbs)
+      per generated position: the bound that usually decides it.
+    - The reference's log-probabilities (REFERENCE objectives): a forward per token.
+    - The update: forward + backward over prompt + completion, k rows per prompt.
+    Completions are counted at their full length (generation stops earlier at the
+    end-of-turn token); the reward model's own forward is not counted.
+    """
+    from ftx.objectives import OBJECTIVES
+
+    trainer, k, new = cfg.trainer, cfg.objective.num_generations, cfg.data.max_new_tokens
+    prompts = steps * trainer.batch_size * trainer.accumulate_grad_batches
+    completions = prompts * k
+    context = prompt + new
+    forward = 2 * _matmul_params(arch)
+    attention_forward = 4 * arch.layers * arch.heads * arch.head_dim  # × context: a third of the 12·L·d·s
+    generated = int(completions * new)
+    generation = generated * (forward + attention_forward * (prompt + new / 2))
+    reference = completions * context * (forward + attention_forward * context)
+    if not OBJECTIVES.fact(cfg.objective.name, "REFERENCE"):
+        reference = 0.0
+    update = completions * context * _update_flops_per_token(cfg, arch, context)
+    rate = cfg.plan.gpu_tflops * 1e12 * cfg.plan.mfu
+    decoding = steps * trainer.accumulate_grad_batches * new * weight_bytes / (cfg.plan.gpu_bandwidth_gbs * 1e9)
+    seconds = (update + reference) / rate + max(generation / rate, decoding)
+    flops = generation + reference + update
+    return {"tokens": int(completions * context), "flops": flops, "seconds": seconds, "generated_tokens": generated}
 
 
 # ----------------------------------------------------------------------------- output
@@ -805,6 +858,12 @@ def describe(p: Plan) -> str:
         f"training: {p.tokens:,} tokens{estimated}, {p.flops:.3g} FLOPs → {human_seconds(p.train_s)} on one "
         f"{p.gpu} at {100 * p.mfu:.0f}% MFU, ${p.cost_usd:,.2f}"
     )
+    if p.generated_tokens:
+        lines.append(
+            f"  of which sampling: {p.generated_tokens:,} completion tokens generated (prompts × k × "
+            "data.max_new_tokens, at most), each a forward pass; on a GPU bounded by reading the weights "
+            "once per token (plan.gpu_bandwidth_gbs)"
+        )
     if p.device != "cuda":
         lines.append(f"  here, on the CPU: about {human_seconds(p.device_train_s)} (plan.cpu_tflops)")
     for provider, usd in p.hosted_usd.items():

@@ -54,8 +54,11 @@ class ObjectiveModule(L.LightningModule):
         )
 
     def log_all(self, prefix: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log ``values`` as ``prefix.name``; the loss and RL's mean reward also in the
+        progress bar (and the progress lines without one)."""
         for name, value in values.items():
-            self.log(f"{prefix}.{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+            shown = name in ("loss", "reward_mean")
+            self.log(f"{prefix}.{name}", value, prog_bar=shown, batch_size=batch_size)
 
 
 class PairModule(ObjectiveModule):

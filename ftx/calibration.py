@@ -226,6 +226,8 @@ def _quiet():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+            # said once, by the run's own Trainer, where srun is installed (a SLURM login node)
+            warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):

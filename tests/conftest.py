@@ -139,7 +139,7 @@ def ftx_main(*args: str, env: dict[str, str] | None = None, cwd: Path | None = N
     """Run ``ftx ARGS`` in this process through ``ftx.cli.main``, as the console script
     does, and return what a subprocess would (:func:`as_process`). ``env`` replaces
     the environment for the call, ``cwd`` the working directory; sys.argv, Hydra's
-    global state and the logging handlers a run adds are restored."""
+    global state, the logging handlers a run adds and warnings' routing are restored."""
     from hydra.core.global_hydra import GlobalHydra
 
     from ftx.cli import main
@@ -165,3 +165,7 @@ def ftx_main(*args: str, env: dict[str, str] | None = None, cwd: Path | None = N
             handler.close()
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+        # The run routed Python warnings into logging (ftx.console.route_libraries);
+        # hand warnings.showwarning back to the one this test had (pytest's recorder),
+        # or the next call's captureWarnings(True) would keep a stale one and log nothing.
+        logging.captureWarnings(False)

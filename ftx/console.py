@@ -95,12 +95,12 @@ def route_libraries() -> None:
     logging.captureWarnings(True)
 
 
-def progress_line(trainer: Any, meter: Any, started: float | None, first_step: int) -> str:
+def progress_line(trainer: Any, meter: Any, started: float, first_step: int) -> str:
     """step 50/300 · train.loss 1.234 · 1,530 tokens/s · 0:41 elapsed, about 3:25 left
     (the progress-bar metrics are what the objective logs with prog_bar: RL's mean
     reward too; the time left is from this process's own steps)."""
     step, total = trainer.global_step, trainer.max_steps
-    elapsed = time.perf_counter() - (started or time.perf_counter())
+    elapsed = time.perf_counter() - started
     done = step - first_step  # steps of this process (a resumed run began later)
     left = elapsed / done * (total - step) if done > 0 and total > 0 else None
     metrics = ", ".join(f"{name} {float(value):.4g}" for name, value in trainer.progress_bar_metrics.items())

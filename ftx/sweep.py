@@ -44,6 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ftx.config import ConfigError, validate
 from ftx.faults import Preempted
 from ftx.tracking import flatten
+from ftx.tracking.report import finite_number
 from ftx.train import RunPruned
 
 log = logging.getLogger(__name__)
@@ -590,7 +591,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, job: Any, settings: DictConfi
         log.info("trial %d pruned at step %s", trial.number, record.get("train.steps"))
         return
     values = [record.get(key) for key in settings.objectives]
-    missing = [k for k, v in zip(settings.objectives, values, strict=True) if not _finite(v)]
+    missing = [k for k, v in zip(settings.objectives, values, strict=True) if not finite_number(v)]
     if missing:
         trial.set_user_attr("error", f"no finite {', '.join(missing)} in the run record")
         log.warning("trial %d failed: no finite %s in its record", trial.number, ", ".join(missing))
@@ -674,10 +675,6 @@ def _tell(study: optuna.Study, trial: optuna.Trial, values: Sequence[float] | No
     finally:
         study._thread_local.in_optimize_loop = False
         study._stop_flag = False
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _values_text(keys: Sequence[str], values: Sequence[float]) -> str:
@@ -841,8 +838,8 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int, interval: in
                 storage.record_heartbeat(trial_id)
             except Exception as error:  # the database went away: the run goes on; say it once
                 if not warned:
-                    log.warning("heartbeat of trial %d not recorded (%s): the study's database is not answering",
-                                trial_id, type(error).__name__)  # fmt: skip
+                    why = type(error).__name__
+                    log.warning("heartbeat of trial %d not recorded (%s): the database is not answering", trial_id, why)
                     warned = True
             if stop.wait(interval):
                 return

@@ -759,7 +759,8 @@ def _training_cost(cfg: DictConfig, arch: Architecture, lengths: list[int], weig
     mean = sum(lengths) / len(lengths)
     steps = training_steps(trainer, len(lengths))
     if OBJECTIVES.fact(cfg.objective.name, "SAMPLES"):
-        return _sampling_cost(cfg, arch, steps, mean, weight_bytes)
+        reference = bool(OBJECTIVES.fact(cfg.objective.name, "REFERENCE"))
+        return _sampling_cost(cfg, arch, steps, mean, weight_bytes, reference)
     tokens = steps * trainer.batch_size * trainer.accumulate_grad_batches * mean
     flops = _update_flops_per_token(cfg, arch, mean) * tokens
     seconds = flops / (cfg.plan.gpu_tflops * 1e12 * cfg.plan.mfu)
@@ -786,7 +787,9 @@ def _matmul_params(arch: Architecture) -> int:
     return sum(lin.d_in * lin.d_out for lin in arch.linears)
 
 
-def _sampling_cost(cfg: DictConfig, arch: Architecture, steps: float, prompt: float, weight_bytes: int) -> dict:
+def _sampling_cost(
+    cfg: DictConfig, arch: Architecture, steps: float, prompt: float, weight_bytes: int, reference: bool
+) -> dict:
     """RLOO/GRPO: each step samples k completions of at most data.max_new_tokens for
     every prompt, scores them, and trains on prompt + completion.
 
@@ -794,13 +797,11 @@ def _sampling_cost(cfg: DictConfig, arch: Architecture, steps: float, prompt: fl
       context so far); on a GPU, each decoding step also reads every weight once for
       the whole batch, so its time is at least (weight bytes / plan.gpu_bandwidth_gbs)
       per generated position: the bound that usually decides it.
-    - The reference's log-probabilities (REFERENCE objectives): a forward per token.
+    - The reference's log-probabilities (``reference``: REFERENCE objectives): a forward per token.
     - The update: forward + backward over prompt + completion, k rows per prompt.
     Completions are counted at their full length (generation stops earlier at the
     end-of-turn token); the reward model's own forward is not counted.
     """
-    from ftx.objectives import OBJECTIVES
-
     trainer, k, new = cfg.trainer, cfg.objective.num_generations, cfg.data.max_new_tokens
     prompts = steps * trainer.batch_size * trainer.accumulate_grad_batches
     completions = prompts * k
@@ -809,14 +810,12 @@ def _sampling_cost(cfg: DictConfig, arch: Architecture, steps: float, prompt: fl
     attention_forward = 4 * arch.layers * arch.heads * arch.head_dim  # × context: a third of the 12·L·d·s
     generated = int(completions * new)
     generation = generated * (forward + attention_forward * (prompt + new / 2))
-    reference = completions * context * (forward + attention_forward * context)
-    if not OBJECTIVES.fact(cfg.objective.name, "REFERENCE"):
-        reference = 0.0
+    scoring = completions * context * (forward + attention_forward * context) if reference else 0.0
     update = completions * context * _update_flops_per_token(cfg, arch, context)
     rate = cfg.plan.gpu_tflops * 1e12 * cfg.plan.mfu
     decoding = steps * trainer.accumulate_grad_batches * new * weight_bytes / (cfg.plan.gpu_bandwidth_gbs * 1e9)
-    seconds = (update + reference) / rate + max(generation / rate, decoding)
-    flops = generation + reference + update
+    seconds = (update + scoring) / rate + max(generation / rate, decoding)
+    flops = generation + scoring + update
     return {"tokens": int(completions * context), "flops": flops, "seconds": seconds, "generated_tokens": generated}
 
 

@@ -283,6 +283,7 @@ def test_rlhf_trains_a_reward_model_then_the_policy_against_it(tiny_model_dir, t
     # The policy stage scored with the reward model stage 1 trained (its head included).
     reward_cfg = OmegaConf.load(run_dir / "reward" / ".hydra" / "config.yaml")
     model, tokenizer = load_reward_model(str(run_dir / "reward"), "cpu")
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # folded in once, for speed
     reloaded = reward.evaluate(reward_cfg, model, tokenizer, load_splits(reward_cfg))
     assert reloaded["reward_margin"] == pytest.approx(saved["reward_model"]["reward_margin"], abs=1e-5)
 

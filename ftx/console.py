@@ -40,6 +40,14 @@ NOISE: tuple[tuple[str, str], ...] = (
     # calls, Lightning's use of torch's pytree): nothing a user's config can change.
     ("py.warnings", r"`is_gradient_checkpointing` is deprecated"),
     ("py.warnings", r"isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # transformers' load report when the only missing weights are a sequence-classification
+    # head: a reward model's new head (trained by objective=reward; a reward run's adapter
+    # holds it). A report naming any other weight shows.
+    (
+        "transformers.modeling_utils",
+        r"ForSequenceClassification LOAD REPORT\S* from: [^\n]*\nKey +\| Status +\| *\n[-+]+\n"
+        r"(?:score\.(?:weight|bias) +\| MISSING +\| *\n)+\n",
+    ),
 )
 _NOISE = tuple((prefix, re.compile(pattern)) for prefix, pattern in NOISE)
 
@@ -103,7 +111,8 @@ def progress_line(trainer: Any, meter: Any, started: float, first_step: int) -> 
     elapsed = time.perf_counter() - started
     done = step - first_step  # steps of this process (a resumed run began later)
     left = elapsed / done * (total - step) if done > 0 and total > 0 else None
-    metrics = ", ".join(f"{name} {float(value):.4g}" for name, value in trainer.progress_bar_metrics.items())
+    # + 0.0: a loss of -0.0 (RLOO's, on-policy) prints as 0
+    metrics = ", ".join(f"{name} {float(value) + 0.0:.4g}" for name, value in trainer.progress_bar_metrics.items())
     parts = [f"step {step}/{total}" if total > 0 else f"step {step}", metrics]
     if meter is not None and meter.tokens_per_s:
         parts.append(f"{meter.tokens_per_s:,.0f} tokens/s")

@@ -83,7 +83,24 @@ def test_only_the_listed_noise_is_dropped_and_a_real_warning_shows():
     assert noise.filter(_record("py.warnings", real))
     assert noise.filter(_record("lightning.pytorch.utilities.rank_zero", "Epoch 3: loss is nan"))
     assert noise.filter(_record("ftx.train", "GPU available: said by ftx"))  # ftx's own lines always show
-    assert all(prefix.startswith(("lightning", "py.warnings")) for prefix, _ in NOISE)
+    assert all(prefix.startswith(("lightning", "py.warnings", "transformers")) for prefix, _ in NOISE)
+
+    # transformers' load report, as a reward model's base load writes it: the new head
+    # alone is noise; any other missing weight is not.
+    def report(*keys: str) -> str:
+        rows = "".join(f"{key:<{len(max(keys, key=len))}} | MISSING | \n" for key in keys)
+        width = len(max(keys, key=len))
+        return (
+            "\x1b[1mLlamaForSequenceClassification LOAD REPORT\x1b[0m from: /models/base\n"
+            f"{'Key':<{width}} | Status  | \n{'-' * width}-+---------+-\n{rows}\n"
+            "Notes:\n- MISSING:\tthose params were newly initialized because missing from the checkpoint."
+        )
+
+    loads = "transformers.modeling_utils"
+    assert not noise.filter(_record(loads, report("score.weight")))
+    assert noise.filter(_record(loads, report("score.weight", "model.layers.0.mlp.up_proj.weight")))
+    assert noise.filter(_record(loads, report("model.norm.weight")))
+    assert noise.filter(_record(loads, report("score.weight").replace("SequenceClassification", "CausalLM")))
 
     shown = ConsoleFormat().format(_record("py.warnings", real + "\n  warnings.warn(msg)\n"))
     assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING \[py\.warnings\] " + re.escape(real), shown)
@@ -95,7 +112,7 @@ def test_only_the_listed_noise_is_dropped_and_a_real_warning_shows():
 def test_progress_line_states_the_time_left_from_this_process_steps():
     class Trainer:  # what progress_line reads of a Lightning Trainer
         global_step, max_steps = 60, 100
-        progress_bar_metrics = {"train.loss": 1.23456, "reward.mean": 0.5}
+        progress_bar_metrics = {"train.loss": 1.23456, "reward.mean": 0.5, "kl": -0.0}
 
     class Meter:
         tokens_per_s = 1530.4
@@ -105,5 +122,6 @@ def test_progress_line_states_the_time_left_from_this_process_steps():
     started = time.perf_counter() - 40.0  # resumed at step 40: 20 steps in 40 s, 40 to go
     line = progress_line(Trainer(), Meter(), started, first_step=40)
     assert re.fullmatch(
-        r"step 60/100 · train\.loss 1\.235, reward\.mean 0\.5 · 1,530 tokens/s · 0:40 elapsed, about 1:20 left", line
+        r"step 60/100 · train\.loss 1\.235, reward\.mean 0\.5, kl 0 · 1,530 tokens/s · 0:40 elapsed, about 1:20 left",
+        line,
     ), line

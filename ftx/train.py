@@ -161,7 +161,7 @@ def _start_measuring(cfg: DictConfig, run_dir: Path):
     from ftx.tracking.loggers import make_logger
 
     logger = start_logger(cfg, make_logger(cfg, run_dir))
-    memory = PeakMemory(device_of(cfg.trainer.accelerator))
+    memory = PeakMemory(device_of(cfg.trainer.accelerator), cfg.trainer.cpu_mmap_threshold_mb)
     memory.start()  # baseline before weights: the peak counts the model's own memory
     return logger, memory
 

@@ -129,7 +129,8 @@ def check_adapter(cfg: DictConfig) -> None:
 def check_steps_and_sizes(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps < 1 and cfg.trainer.max_epochs < 1:
         raise ConfigError("Set trainer.max_steps >= 1 or trainer.max_epochs >= 1.")
-    for key in ("trainer.batch_size", "trainer.accumulate_grad_batches", "data.max_length", "data.eval_batch_size"):
+    sizes = ("trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.cpu_mmap_threshold_mb")
+    for key in (*sizes, "data.max_length", "data.eval_batch_size"):
         if _select(cfg, key) < 1:
             raise ConfigError(f"{key}={_select(cfg, key)} must be >= 1.")
 

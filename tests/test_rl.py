@@ -22,7 +22,7 @@ from ftx.data.prompts import collate_prompts, prompt_examples, tokenize_prompts
 from ftx.metrics import json_fields
 from ftx.models import load_model
 from ftx.objectives import grpo, reward, rewards, rloo
-from ftx.objectives.policy_gradient import Rollout, completion_logps, completion_mask
+from ftx.objectives.policy_gradient import InverseCdfDraw, Rollout, completion_logps, completion_mask, sample
 from ftx.objectives.rewards import Reward, load_reward_model
 from ftx.rlhf import train_rlhf
 from ftx.train import train
@@ -187,6 +187,48 @@ def test_group_advantages_standardize_within_each_group():
     advantages = grpo.group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2)
     std = 2**0.5  # unbiased std of (1, 3)
     torch.testing.assert_close(advantages, torch.tensor([-1 / (std + 1e-4), 1 / (std + 1e-4), 0.0, 0.0]))
+
+
+def test_the_inverse_cdf_draw_samples_transformers_warped_distribution():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    scores = probs.log().expand(40_000, -1).clone()  # a zero probability is a -inf score
+
+    def frequencies(draw: InverseCdfDraw) -> torch.Tensor:
+        out = draw(None, scores)
+        assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out).sum() == out.numel() - len(out)
+        return torch.bincount(out.argmax(-1), minlength=5).double() / len(out)
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:  # 4 standard errors of 40,000 draws
+        return bool(((got - want.double()).abs() <= 4 * (want * (1 - want) / 40_000).sqrt() + 1e-9).all())
+
+    assert close(frequencies(InverseCdfDraw(1.0, 1.0)), probs)
+    # top_p 0.8, transformers' rule: drop the tokens whose ascending cumulative mass is <= 0.2
+    assert close(frequencies(InverseCdfDraw(1.0, 0.8)), torch.tensor([0.625, 0.375, 0.0, 0.0, 0.0]))
+    # temperature 2: softmax(log p / 2) is proportional to sqrt(p)
+    assert close(frequencies(InverseCdfDraw(2.0, 1.0)), probs.sqrt() / probs.sqrt().sum())
+
+
+def test_sampling_gives_k_grouped_completions_that_stop_at_the_end_token(tiny_model_dir, tiny_data, tmp_path):
+    cfg = compose_config(
+        rl_overrides(tiny_model_dir, tiny_data, tmp_path, "grpo", "objective.reward_functions=[json_valid]")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = load_model(cfg, str(tiny_model_dir), "cpu")
+    split = tokenize_prompts(cfg, tokenizer, prompt_examples(load_splits(cfg).train[:3]))
+    batch = collate_prompts(tokenizer.pad_token_id, [split[i] for i in range(len(split))])
+    examples = batch["examples"]
+    stops = [i for i in range(1, len(tokenizer), 2) if i != tokenizer.pad_token_id]  # any odd id ends a turn
+    torch.manual_seed(0)
+    rollout = sample(model, tokenizer, batch, 4, cfg.objective, 12, stops)
+    assert rollout.completion_ids.shape[0] == 12 and rollout.examples == [e for e in examples for _ in range(4)]
+    for j in range(4):  # each prompt's k completions next to each other
+        assert torch.equal(rollout.prompt_ids[j::4], batch["input_ids"])
+    assert len({tuple(row.tolist()) for row in rollout.completion_ids}) > 3  # sampled, not one greedy answer
+    for row, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True):
+        end = int(torch.isin(row, torch.tensor(stops)).int().argmax())
+        assert row[end] in stops and mask.sum() == end + 1  # every row stopped (2^-12 odds of one not)
+        assert (row[end + 1 :] == tokenizer.pad_token_id).all()  # and was padded after
 
 
 def test_leave_one_out_advantages_subtract_the_others_mean():

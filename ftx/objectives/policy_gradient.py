@@ -70,25 +70,31 @@ def sample(
 ) -> Rollout:
     """k sampled completions of each prompt, each ending at the first of ``stops``
     (:func:`ftx.evaluation.stop_ids`); ``objective=None``: one greedy completion."""
-    sampling = {"do_sample": False}
+    sampling: dict[str, Any] = {"do_sample": False}
     if objective is not None:
-        sampling = {"do_sample": True, "temperature": objective.temperature, "top_p": objective.top_p, "top_k": 0}
+        # Drawn by InverseCdfDraw at the end of the logits processors; transformers'
+        # own temperature, top-p and top-k (the model's generation_config may set them)
+        # are off, so that they apply once.
+        draw = InverseCdfDraw(objective.temperature, objective.top_p)
+        sampling |= {"logits_processor": [draw], "temperature": None, "top_p": None, "top_k": None}
+    # Each prompt k times, grouped (what num_return_sequences=k does, which greedy
+    # selection refuses).
+    prompt_ids = batch["input_ids"].repeat_interleave(k, 0)
+    prompt_mask = batch["attention_mask"].repeat_interleave(k, 0)
     with inference(model, use_cache=True):  # generation reads the cache; training does not
         generated = model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=k,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stops,
             **sampling,
         )
-    width = batch["input_ids"].shape[1]
-    completion_ids = generated[:, width:]
+    completion_ids = generated[:, prompt_ids.shape[1] :]
     mask = completion_mask(completion_ids, stops)
     return Rollout(
-        prompt_ids=batch["input_ids"].repeat_interleave(k, 0),
-        prompt_mask=batch["attention_mask"].repeat_interleave(k, 0),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
         completion_ids=completion_ids,
         completion_mask=mask,
         completions=[
@@ -97,6 +103,38 @@ def sample(
         ],
         examples=[e for e in batch["examples"] for _ in range(k)],
     )
+
+
+class InverseCdfDraw:
+    """Samples the next token as the last of ``generate``'s logits processors and
+    returns scores that are 0 at it and -inf elsewhere, so that greedy selection
+    takes it: a logits processor (transformers' ``LogitsProcessor`` interface).
+
+    The distribution is exactly that of transformers' sampling: its own temperature
+    and top-p warpers, then a categorical draw from the softmax. The draw inverts
+    the cumulative distribution with one uniform number per row (float64), where
+    ``torch.multinomial`` draws an exponential number for every vocabulary entry of
+    every row: 3.3 ms against 0.3 for 64 rows of a 2,048-token vocabulary on a CPU
+    core, 48 times a step in RL's sampling. The random stream differs from
+    ``do_sample=True``'s, so the samples do too, not their distribution."""
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = []
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        cumulative = torch.softmax(scores.double(), -1).cumsum(-1)
+        total = cumulative[:, -1:]
+        uniform = torch.rand(total.shape, dtype=total.dtype, device=total.device) * total
+        tokens = torch.searchsorted(cumulative, uniform, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
 def completion_mask(completion_ids: torch.Tensor, stops: list[int]) -> torch.Tensor:

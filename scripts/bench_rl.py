@@ -4,7 +4,7 @@
     python scripts/bench_rl.py --steps 40 --rounds 5 --json rl.json
     python scripts/bench_rl.py --runners ftx-grpo,trl-grpo --aggregation token   # DAPO's token mean (TRL's default)
     python scripts/bench_rl.py --steps 3 --rounds 1 --prompts 4 --work /tmp/bench_rl   # smoke
-    python scripts/bench_rl.py --ftx trainer.cpu_mmap_threshold_mb=32   # glibc's own malloc threshold: faster, more RSS
+    python scripts/bench_rl.py --ftx trainer.cpu_mmap_threshold_mb=4   # exact-peak malloc setting: less RSS, slower
 
 Prepare (once per --work directory, reused after): a reward model trained by ftx
 on the shipped preference pairs (``ftx train objective=reward``, --reward-steps

@@ -43,13 +43,15 @@ NOISE: tuple[tuple[str, str], ...] = (
     # transformers' load report when the only missing weights are a sequence-classification
     # head: a reward model's new head (trained by objective=reward; a reward run's adapter
     # holds it). A report naming any other weight shows.
+    # (Matched without its terminal colours; a terminal over 200 columns adds a Details column.)
     (
         "transformers.modeling_utils",
-        r"ForSequenceClassification LOAD REPORT\S* from: [^\n]*\nKey +\| Status +\| *\n[-+]+\n"
-        r"(?:score\.(?:weight|bias) +\| MISSING +\| *\n)+\n",
+        r"ForSequenceClassification LOAD REPORT from: [^\n]*\nKey +\| Status +\|[^\n]*\n[-+]+\n"
+        r"(?:score\.(?:weight|bias) +\| MISSING +\|[^\n]*\n)+\n",
     ),
 )
 _NOISE = tuple((prefix, re.compile(pattern)) for prefix, pattern in NOISE)
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # what transformers adds when stdout is a terminal
 
 
 class ConsoleNoise(logging.Filter):
@@ -58,7 +60,7 @@ class ConsoleNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(tuple(prefix for prefix, _ in _NOISE)):
             return True
-        message = record.getMessage()
+        message = _COLOURS.sub("", record.getMessage())
         return not any(record.name.startswith(prefix) and pattern.search(message) for prefix, pattern in _NOISE)
 
 

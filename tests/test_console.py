@@ -74,7 +74,7 @@ def _record(name: str, message: str, level: int = logging.WARNING) -> logging.Lo
     return logging.LogRecord(name, level, __file__, 1, message, None, None)
 
 
-def test_only_the_listed_noise_is_dropped_and_a_real_warning_shows():
+def test_only_the_listed_noise_is_dropped_and_a_real_warning_shows(monkeypatch):
     noise = ConsoleNoise()
     tied = "x.py:1: UserWarning: Model has `tie_word_embeddings=True` and a tied layer is part of the adapter"
     assert not noise.filter(_record("py.warnings", tied))
@@ -85,28 +85,65 @@ def test_only_the_listed_noise_is_dropped_and_a_real_warning_shows():
     assert noise.filter(_record("ftx.train", "GPU available: said by ftx"))  # ftx's own lines always show
     assert all(prefix.startswith(("lightning", "py.warnings", "transformers")) for prefix, _ in NOISE)
 
-    # transformers' load report, as a reward model's base load writes it: the new head
-    # alone is noise; any other missing weight is not.
-    def report(*keys: str) -> str:
-        rows = "".join(f"{key:<{len(max(keys, key=len))}} | MISSING | \n" for key in keys)
-        width = len(max(keys, key=len))
-        return (
-            "\x1b[1mLlamaForSequenceClassification LOAD REPORT\x1b[0m from: /models/base\n"
-            f"{'Key':<{width}} | Status  | \n{'-' * width}-+---------+-\n{rows}\n"
-            "Notes:\n- MISSING:\tthose params were newly initialized because missing from the checkpoint."
-        )
-
-    loads = "transformers.modeling_utils"
-    assert not noise.filter(_record(loads, report("score.weight")))
-    assert noise.filter(_record(loads, report("score.weight", "model.layers.0.mlp.up_proj.weight")))
-    assert noise.filter(_record(loads, report("model.norm.weight")))
-    assert noise.filter(_record(loads, report("score.weight").replace("SequenceClassification", "CausalLM")))
+    # transformers' own load report (its code writes it here), plain and as a terminal
+    # gets it (coloured; a Details column over 200 columns): the new head alone is
+    # noise; any other missing weight, or a causal LM's missing head, is not.
+    for colour, columns in ((False, 80), (True, 80), (True, 240)):
+        report = load_report(monkeypatch, colour, columns)
+        written = report("LlamaForSequenceClassification", "score.weight").getMessage()
+        assert ("\x1b[31mMISSING" in written) == colour and ("Details" in written) == (columns > 200)
+        assert not noise.filter(report("LlamaForSequenceClassification", "score.weight"))
+        assert not noise.filter(report("Qwen2ForSequenceClassification", "score.weight", "score.bias"))
+        assert noise.filter(report("LlamaForSequenceClassification", "score.weight", "model.norm.weight"))
+        assert noise.filter(report("LlamaForSequenceClassification", "model.layers.0.mlp.up_proj.weight"))
+        assert noise.filter(report("LlamaForCausalLM", "score.weight"))
+        assert noise.filter(report("LlamaForSequenceClassification", "score.weight", unexpected=True))
 
     shown = ConsoleFormat().format(_record("py.warnings", real + "\n  warnings.warn(msg)\n"))
     assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING \[py\.warnings\] " + re.escape(real), shown)
     assert re.fullmatch(
         r"\d\d:\d\d:\d\d base: x", ConsoleFormat().format(_record("ftx.train", "base: x", logging.INFO))
     )
+
+
+def load_report(monkeypatch, colour: bool, columns: int):
+    """A function (model class name, missing keys) -> the log record transformers'
+    ``log_state_dict_report`` writes for such a load, on a terminal of ``columns``."""
+    import os
+
+    from transformers.utils import loading_report
+
+    class Stdout:
+        def isatty(self) -> bool:
+            return colour
+
+    monkeypatch.setattr(loading_report.sys, "stdout", Stdout())
+    monkeypatch.setattr(loading_report.shutil, "get_terminal_size", lambda *_: os.terminal_size((columns, 24)))
+
+    def report(model_class: str, *missing: str, unexpected: bool = False) -> logging.LogRecord:
+        records = []
+        logger = logging.getLogger("transformers.modeling_utils.test")
+        logger.addHandler(handler := logging.Handler())
+        handler.emit = records.append
+        logger.propagate = False
+        model = type(model_class, (), {})()
+        info = loading_report.LoadStateDictInfo(
+            missing_keys=set(missing),
+            unexpected_keys={"lm_head.weight"} if unexpected else set(),
+            mismatched_keys=set(),
+            error_msgs=[],
+            conversion_errors={},
+            skipped_pp_keys=set(),
+        )
+        try:
+            loading_report.log_state_dict_report(model, "/models/base", True, info, logger=logger)
+        finally:
+            logger.removeHandler(handler)
+        (record,) = records
+        record.name = "transformers.modeling_utils"  # as transformers' loader logs it
+        return record
+
+    return report
 
 
 def test_progress_line_states_the_time_left_from_this_process_steps():

@@ -203,8 +203,12 @@ def test_the_inverse_cdf_draw_samples_transformers_warped_distribution():
         return bool(((got - want.double()).abs() <= 4 * (want * (1 - want) / 40_000).sqrt() + 1e-9).all())
 
     assert close(frequencies(InverseCdfDraw(1.0, 1.0)), probs)
-    # top_p 0.8, transformers' rule: drop the tokens whose ascending cumulative mass is <= 0.2
-    assert close(frequencies(InverseCdfDraw(1.0, 0.8)), torch.tensor([0.625, 0.375, 0.0, 0.0, 0.0]))
+    # top_p 0.75, transformers' rule: drop the tokens whose ascending cumulative mass is <= 0.25
+    assert close(frequencies(InverseCdfDraw(1.0, 0.75)), torch.tensor([0.625, 0.375, 0.0, 0.0, 0.0]))
+    nan = scores[:3].clone()
+    nan[1] = float("nan")
+    with pytest.raises(FloatingPointError, match="row 1 .*not finite"):  # torch.multinomial refuses them too
+        InverseCdfDraw(1.0, 1.0)(None, nan)
     # temperature 2: softmax(log p / 2) is proportional to sqrt(p)
     assert close(frequencies(InverseCdfDraw(2.0, 1.0)), probs.sqrt() / probs.sqrt().sum())
 

@@ -132,6 +132,10 @@ class InverseCdfDraw:
             scores = warper(input_ids, scores)
         cumulative = torch.softmax(scores.double(), -1).cumsum(-1)
         total = cumulative[:, -1:]
+        bad = (~torch.isfinite(total[:, 0])).nonzero()
+        if len(bad):  # NaN scores (an overflow), or a row a processor masked whole
+            rows = ", ".join(str(int(row)) for row in bad[:5, 0])
+            raise FloatingPointError(f"sampling: the next-token scores of row {rows} are not finite")
         uniform = torch.rand(total.shape, dtype=total.dtype, device=total.device) * total
         tokens = torch.searchsorted(cumulative, uniform, right=True).clamp_(max=scores.shape[-1] - 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)

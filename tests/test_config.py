@@ -108,6 +108,7 @@ def test_unknown_key_is_refused():
         (["data.on_error=ignore"], "data.on_error=ignore is not one of: refuse, skip"),
         (["method.target_modules=qproj"], "target_modules"),
         (["data.eval_batch_size=0"], "data.eval_batch_size=0 must be >= 1"),
+        (["objective=grpo", "trainer.cpu_mmap_threshold_mb=64"], "trainer.cpu_mmap_threshold_mb=64 must be 1-32"),
         (["method.init_lora_weights=eva"], "method.init_lora_weights=eva is not one of: true, false, gaussian, pissa"),
         (
             ["objective=dpo", "method.init_lora_weights=pissa"],

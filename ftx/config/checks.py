@@ -129,10 +129,11 @@ def check_adapter(cfg: DictConfig) -> None:
 def check_steps_and_sizes(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps < 1 and cfg.trainer.max_epochs < 1:
         raise ConfigError("Set trainer.max_steps >= 1 or trainer.max_epochs >= 1.")
-    sizes = ("trainer.batch_size", "trainer.accumulate_grad_batches", "trainer.cpu_mmap_threshold_mb")
-    for key in (*sizes, "data.max_length", "data.eval_batch_size"):
+    for key in ("trainer.batch_size", "trainer.accumulate_grad_batches", "data.max_length", "data.eval_batch_size"):
         if _select(cfg, key) < 1:
             raise ConfigError(f"{key}={_select(cfg, key)} must be >= 1.")
+    if not 1 <= cfg.trainer.cpu_mmap_threshold_mb <= 32:  # glibc refuses more than 32 MiB on 64-bit
+        raise ConfigError(f"trainer.cpu_mmap_threshold_mb={cfg.trainer.cpu_mmap_threshold_mb} must be 1-32.")
 
 
 def check_device_features(cfg: DictConfig) -> None:

@@ -338,9 +338,9 @@ class TrainerConfig:
     the OS when freed (glibc's malloc mmap threshold), so the measured peak (resident memory)
     tracks live tensors. The cost is a page fault per 4 KiB each time such a tensor is made:
     where many mid-size tensors come and go (RL's sampling and scoring at 64 rows) steps run
-    slower: objective=rloo|grpo set 32 (glibc's own ceiling), measured 1.47x faster steps on
-    ftx's base, the process's peak RSS 1.51x higher (freed memory kept by malloc for reuse).
-    Process-wide."""
+    slower. objective=rloo|grpo set 32 (glibc's own ceiling, the most it takes): 1.47x faster
+    steps on ftx's base, the process's peak RSS 1.51x higher (freed memory kept by malloc for
+    reuse). 1-32, process-wide."""
 
 
 @dataclass

@@ -74,10 +74,11 @@ print((libc.mallinfo2().hblkhd - before) / 2**20)
 
 @pytest.mark.parametrize("threshold_mb, mapped_mib", [(4, 24), (32, 0)])
 def test_the_mmap_threshold_decides_whether_a_tensor_is_its_own_mapping(threshold_mb, mapped_mib):
-    """trainer.cpu_mmap_threshold_mb reaches malloc: at 4 MiB a 24 MiB tensor is its own
-    memory mapping (handed back to the OS when freed), at 32 it lives in malloc's heap
-    (kept for reuse). In a fresh process: a heap with free space of earlier work would
-    serve the tensor from it whatever the threshold."""
+    """PeakMemory's threshold (trainer.cpu_mmap_threshold_mb; train passes it) reaches
+    malloc: at 4 MiB a 24 MiB tensor is its own memory mapping (handed back to the OS
+    when freed), at 32 it lives in malloc's heap (kept for reuse). In a fresh process: a
+    heap with free space of earlier work would serve the tensor from it whatever the
+    threshold."""
     import subprocess
     import sys
 

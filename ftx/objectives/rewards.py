@@ -122,10 +122,9 @@ def load_reward_model(path: str, device: str):
 
     if (Path(path) / ".hydra" / "config.yaml").is_file():
         # Frozen for the whole run: the adapter is folded into the weights once
-        # (unmerged, ftx's LoRA reward model scored 64 completions 1.7x slower; the
-        # fp32 scores agree to 2e-6 relative; a bf16 base rounds the merged weights to
-        # bf16). A quantized base stays as it is: merging
-        # would dequantize it.
+        # (unmerged, ftx's LoRA reward model scored 64 completions 1.7x slower; fp32
+        # scores agree to 2e-6 relative, a bf16 base rounds the merged weights to bf16).
+        # A quantized base stays as it is: merging would dequantize it.
         merged = quantization_config(run_config(Path(path))) is None
         model, tokenizer = load_run(Path(path), merged=merged, device=device)
     else:
